@@ -1,0 +1,348 @@
+"""The ``vrangefs`` command: mount, umount and the volatile-range tools.
+
+Every subcommand reports user errors as one line on stderr naming the thing
+that is wrong and exits non-zero, without a traceback (:class:`UserError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import os
+import re
+import select
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from vrangefs.protocol import parse_size
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAP = "50%"
+READY_TIMEOUT = 30.0
+
+
+class UserError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def total_ram() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise UserError("cannot read MemTotal from /proc/meminfo")
+
+
+def memory_cap(text: str) -> int:
+    try:
+        return parse_size(text, total_ram())
+    except ValueError as e:
+        raise UserError(f"invalid --memory-cap {text!r}: {e}") from None
+
+
+def is_mounted(path: str) -> bool:
+    """True if *path* is a mount point, dead FUSE mounts included."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            if _unescape_mountinfo(line.split()[4]) == real:
+                return True
+    return False
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """Undo the octal escapes (``\\040`` for a space) of /proc/self/mountinfo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def check_mountpoint(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(
+            f"mountpoint {path} does not exist (create it with mkdir -p {path})"
+        ) from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UserError(
+                f"mountpoint {path} is a dead FUSE mount (its daemon died); "
+                f"clean it up with: vrangefs umount {path}"
+            ) from None
+        raise UserError(f"mountpoint {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"mountpoint {path} is not a directory")
+    if is_mounted(path):
+        raise UserError(
+            f"{path} is already a mount point (unmount it first: vrangefs umount {path})"
+        )
+    return os.path.abspath(path)
+
+
+def check_fuse_device() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise UserError(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse) or install fuse3"
+        )
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as e:
+        raise UserError(f"cannot open /dev/fuse: {e.strerror}") from None
+    os.close(fd)
+
+
+def split_options(values: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for value in values:
+        out.extend(o for o in value.split(",") if o)
+    return out
+
+
+# -- mount ----------------------------------------------------------------------
+def cmd_mount(args: argparse.Namespace) -> int:
+    from vrangefs.mount import MountConfig  # imports pyfuse3: keep the other commands light
+
+    cap = memory_cap(args.memory_cap)
+    options = split_options(args.options)
+    purged_reads = args.purged_reads
+    fuse_opts: list[str] = []
+    for opt in options:
+        key, _, value = opt.partition("=")
+        if key == "purged_reads":
+            purged_reads = value
+        elif key in ("size", "memory_cap"):
+            cap = memory_cap(value)
+        else:
+            fuse_opts.append(opt)
+    if purged_reads not in ("eio", "zeros"):
+        raise UserError(f"invalid purged_reads={purged_reads!r}: expected 'eio' or 'zeros'")
+    mountpoint = check_mountpoint(args.mountpoint)
+    check_fuse_device()
+    config = MountConfig(
+        mountpoint=mountpoint,
+        memory_cap=cap,
+        fuse_options=fuse_opts,
+        purged_reads_zeros=purged_reads == "zeros",
+        workers=args.workers,
+    )
+    if args.foreground:
+        return run_foreground(config, args)
+    return spawn_daemon(args, mountpoint)
+
+
+def run_foreground(config: object, args: argparse.Namespace) -> int:
+    from vrangefs.mount import MountConfig, run, setup_logging
+
+    assert isinstance(config, MountConfig)
+    setup_logging(args.debug, args.log_file)
+    ready_fd: int | None = args.ready_fd
+
+    def ready(error: str | None) -> None:
+        nonlocal ready_fd
+        if error is not None:
+            log.error("%s", error)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n" if error is None else f"error {error}\n".encode())
+            os.close(ready_fd)
+            ready_fd = None
+
+    return run(config, ready)
+
+
+def spawn_daemon(args: argparse.Namespace, mountpoint: str) -> int:
+    """Start the daemon in its own session; return once it is mounted or failed."""
+    read_fd, write_fd = os.pipe()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vrangefs",
+        "mount",
+        mountpoint,
+        "--foreground",
+        "--memory-cap",
+        str(args.memory_cap),
+        "--purged-reads",
+        args.purged_reads,
+        "--workers",
+        str(args.workers),
+        "--ready-fd",
+        str(write_fd),
+    ]
+    for opt in args.options:
+        cmd += ["-o", opt]
+    if args.debug:
+        cmd.append("--debug")
+    if args.log_file:
+        cmd += ["--log-file", os.path.abspath(args.log_file)]
+    with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=devnull_in,
+            stdout=devnull_out,
+            stderr=devnull_out if not args.debug or args.log_file else None,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            cwd="/",
+        )
+    os.close(write_fd)
+    message = _read_ready(read_fd, proc)
+    if message != "ok":
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        if is_mounted(mountpoint):
+            _fusermount_unmount(mountpoint)
+        raise UserError(message)
+    # The kernel answers this stat only once the daemon has served INIT.
+    os.stat(mountpoint)
+    print(f"vrangefs: mounted {mountpoint} (daemon pid {proc.pid})", file=sys.stderr)
+    return 0
+
+
+def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                proc.kill()
+                return f"daemon did not report readiness within {READY_TIMEOUT:.0f}s"
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if not readable:
+                continue
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
+    text = data.decode(errors="replace").strip()
+    if text == "ok":
+        return "ok"
+    if text.startswith("error "):
+        return text[len("error ") :]
+    code = proc.wait(timeout=10)
+    return (
+        f"daemon exited with status {code} before mounting"
+        " (run with --foreground --debug to see why)"
+    )
+
+
+# -- umount ---------------------------------------------------------------------
+def _fusermount_unmount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u"] if tool else ["umount"]
+    if lazy:
+        cmd.append("-z" if tool else "-l")
+    return subprocess.run([*cmd, mountpoint], capture_output=True, text=True, check=False)
+
+
+def daemon_pid(mountpoint: str) -> int | None:
+    from vrangefs.protocol import STATS, parse_stats
+
+    try:
+        stats = parse_stats(os.getxattr(mountpoint, STATS))
+    except OSError:
+        return None
+    pid = stats.get("pid")
+    return int(pid) if pid is not None else None
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not is_mounted(mountpoint):
+        raise UserError(f"{mountpoint} is not mounted")
+    dead = False
+    try:
+        os.stat(mountpoint)
+    except OSError as e:
+        dead = e.errno == errno.ENOTCONN
+    pid = None if dead else daemon_pid(mountpoint)
+    result = _fusermount_unmount(mountpoint, lazy=dead)
+    if result.returncode != 0:
+        raise UserError(
+            f"cannot unmount {mountpoint}: {result.stderr.strip() or result.stdout.strip()}"
+        )
+    if dead:
+        print(
+            f"vrangefs: {mountpoint} was a dead mount (its daemon had died); cleaned up."
+            " Data held in it is lost.",
+            file=sys.stderr,
+        )
+    if pid is not None:
+        _wait_for_exit(pid, 10.0)
+    return 0
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
+    log.warning("daemon %d still running %.0fs after unmount", pid, timeout)
+
+
+# -- argument parsing -------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vrangefs", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mount", help="mount a vrangefs filesystem")
+    p.add_argument("mountpoint")
+    p.add_argument(
+        "--memory-cap",
+        default=DEFAULT_CAP,
+        help="cap on resident data: bytes, K/M/G/T suffix or %% of RAM (default %(default)s)",
+    )
+    p.add_argument("-f", "--foreground", action="store_true", help="do not detach")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        help="mount options (FUSE options such as allow_other, and purged_reads=eio|zeros)",
+    )
+    p.add_argument(
+        "--purged-reads",
+        choices=("eio", "zeros"),
+        default="eio",
+        help="what reading a purged page gives (default: eio)",
+    )
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.add_argument("--log-file", help="write the daemon's log here")
+    p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount a vrangefs filesystem")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_umount)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="vrangefs: %(message)s")
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        print(f"vrangefs: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

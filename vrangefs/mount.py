@@ -1,0 +1,125 @@
+"""The daemon's composition root: build the store, volume and adapter, mount, serve.
+
+Readiness is reported through a callback once the kernel mount exists; the
+CLI passes a pipe so that ``vrangefs mount`` returns only when the filesystem
+is mounted.  SIGINT and SIGTERM end the main loop and unmount; SIGUSR1 dumps
+every thread's stack (faulthandler) for a daemon that seems hung.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from vrangefs.operations import Operations, run_invalidator
+from vrangefs.pagestore import PageStore
+from vrangefs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    """Everything the daemon needs; built and validated by the CLI."""
+
+    mountpoint: str
+    memory_cap: int
+    fuse_options: list[str] = field(default_factory=list)
+    purged_reads_zeros: bool = False
+    root_mode: int = 0o1777
+    root_uid: int | None = None
+    root_gid: int | None = None
+    workers: int = 1
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options.add("fsname=vrangefs")
+    options.add("subtype=vrangefs")
+    options.update(config.fuse_options)
+    return options
+
+
+def build(config: MountConfig) -> Operations:
+    store = PageStore(config.memory_cap)
+    volume = Volume(
+        store,
+        root_mode=config.root_mode,
+        root_uid=config.root_uid,
+        root_gid=config.root_gid,
+        purged_reads_zeros=config.purged_reads_zeros,
+    )
+    return Operations(volume)
+
+
+async def _serve(ops: Operations, workers: int) -> None:
+    send, receive = trio.open_memory_channel[int](1 << 16)
+    ops.bind_invalidator(send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(run_invalidator, receive)
+        await pyfuse3.main(min_tasks=1, max_tasks=workers)
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
+    """Mount and serve until unmounted or signalled; returns an exit status.
+
+    *ready* is called once: with None when the mount exists, or with an error
+    message when mounting failed.
+    """
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    ops = build(config)
+    try:
+        pyfuse3.init(ops, config.mountpoint, fuse_options(config))
+    except (RuntimeError, OSError) as e:
+        ready(f"cannot mount {config.mountpoint}: {e}")
+        return 1
+    log.info(
+        "mounted %s (pid %d, memory cap %d bytes)",
+        config.mountpoint,
+        os.getpid(),
+        config.memory_cap,
+    )
+    ready(None)
+    try:
+        trio.run(_serve, ops, config.workers)
+    except BaseException:
+        log.exception("main loop failed")
+        pyfuse3.close(unmount=True)
+        raise
+    pyfuse3.close(unmount=True)
+    log.info("unmounted %s", config.mountpoint)
+    return 0
+
+
+def setup_logging(debug: bool, log_file: str | None) -> None:
+    handler: logging.Handler
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s.%(msecs)03d %(process)d %(name)s %(levelname)s: %(message)s",
+            "%Y-%m-%d %H:%M:%S",
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        logging.getLogger("pyfuse3").setLevel(logging.WARNING)

@@ -1,0 +1,345 @@
+"""The pyfuse3 adapter: translates FUSE requests into :class:`Volume` calls.
+
+It does nothing else.  Domain errors (:class:`FsError`) become
+``FUSEError(errno)`` here and nowhere else; any other exception is a bug, so it
+is logged with its traceback and answered with EIO, and the daemon keeps
+serving (pyfuse3 would otherwise stop the whole main loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from vrangefs.errors import FsError
+from vrangefs.inodes import Inode
+from vrangefs.volume import AttrChange, Caller, Volume
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Every change to an inode reaches the kernel through this daemon, except
+# purges, after which the inode is invalidated explicitly; so attributes and
+# entries may be cached for long.
+ENTRY_TIMEOUT = 60.0
+ATTR_TIMEOUT = 60.0
+
+
+def _handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Map FsError to FUSEError; log and answer EIO for anything unexpected."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", name, args[1:])
+        try:
+            return await fn(*args, **kwargs)
+        except FsError as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s -> %s (%s)", name, errno.errorcode.get(e.errno, e.errno), e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", name, args[1:])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.uid, ctx.gid)
+
+
+class Operations(pyfuse3.Operations):
+    """FUSE request handlers over one :class:`Volume`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # partial writes into purged pages must not read first
+    enable_acl = False
+
+    def __init__(self, volume: Volume) -> None:
+        super().__init__()
+        self.volume = volume
+        self._invalidate_send: trio.MemorySendChannel[int] | None = None
+
+    # -- helpers ----------------------------------------------------------------
+    def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode.ino
+        attr.generation = 0
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = inode.mode
+        attr.st_nlink = inode.nlink
+        attr.st_uid = inode.uid
+        attr.st_gid = inode.gid
+        attr.st_rdev = inode.rdev
+        attr.st_size = inode.size
+        attr.st_blksize = 4096
+        attr.st_blocks = inode.blocks
+        attr.st_atime_ns = inode.atime_ns
+        attr.st_mtime_ns = inode.mtime_ns
+        attr.st_ctime_ns = inode.ctime_ns
+        return attr
+
+    def _flush_stale(self) -> None:
+        """Queue kernel cache invalidation for inodes whose pages were purged."""
+        stale = self.volume.stale_inodes
+        if not stale:
+            return
+        send = self._invalidate_send
+        for ino in stale:
+            if send is not None:
+                send.send_nowait(ino)
+        stale.clear()
+
+    def bind_invalidator(self, send: trio.MemorySendChannel[int]) -> None:
+        self._invalidate_send = send
+
+    # -- lookups and attributes ---------------------------------------------------
+    @_handler
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.attributes(self.volume.lookup(parent_inode, name))
+
+    @_handler
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, count in inode_list:
+            self.volume.forget(ino, count)
+
+    @_handler
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self.attributes(self.volume.inode(inode))
+
+    @_handler
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        change = AttrChange(
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        result = self.attributes(self.volume.setattr(inode, change))
+        self._flush_stale()
+        return result
+
+    @_handler
+    async def readlink(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileNameT:
+        return self.volume.readlink(inode)
+
+    # -- namespace --------------------------------------------------------------------
+    @_handler
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return self.attributes(self.volume.mknod(parent_inode, name, mode, rdev, _caller(ctx)))
+
+    @_handler
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return self.attributes(self.volume.mkdir(parent_inode, name, mode, _caller(ctx)))
+
+    @_handler
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return self.attributes(self.volume.symlink(parent_inode, name, target, _caller(ctx)))
+
+    @_handler
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return self.attributes(self.volume.link(inode, new_parent_inode, new_name))
+
+    @_handler
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.volume.unlink(parent_inode, name)
+
+    @_handler
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.volume.rmdir(parent_inode, name)
+
+    @_handler
+    async def rename(
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.volume.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- files ------------------------------------------------------------------------
+    @_handler
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        self.volume.open(inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_handler
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        inode = self.volume.create(parent_inode, name, mode, _caller(ctx))
+        info = pyfuse3.FileInfo(fh=inode.ino, keep_cache=True)
+        return info, self.attributes(inode)
+
+    @_handler
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        # pyfuse3 takes any contiguous buffer; a memoryview into the arena
+        # saves a copy and is consumed before any other task runs.
+        return cast(bytes, self.volume.read(fh, off, size))
+
+    @_handler
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        written = self.volume.write(fh, off, buf)
+        self._flush_stale()
+        return written
+
+    @_handler
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        self.volume.release(fh)
+
+    @_handler
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        return None  # memory is the storage: nothing to sync
+
+    # -- directories ----------------------------------------------------------------------
+    @_handler
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        self.volume.opendir(inode)
+        return inode
+
+    @_handler
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        for cookie, name, child in self.volume.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self.attributes(child), cookie):
+                break
+            self.volume.count_lookup(child)
+
+    @_handler
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        return None
+
+    @_handler
+    async def fsyncdir(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        return None
+
+    # -- extended attributes ----------------------------------------------------------------
+    @_handler
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        return self.volume.getxattr(inode, name)
+
+    @_handler
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.volume.setxattr(inode, name, value)
+        self._flush_stale()
+
+    @_handler
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        return cast(Sequence[pyfuse3.XAttrNameT], self.volume.listxattr(inode))
+
+    @_handler
+    async def removexattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.volume.removexattr(inode, name)
+
+    # -- filesystem -------------------------------------------------------------------------
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = self.volume.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.block_size
+        out.f_frsize = s.block_size
+        out.f_blocks = s.blocks
+        out.f_bfree = s.blocks_free
+        out.f_bavail = s.blocks_free
+        out.f_files = s.files
+        out.f_ffree = s.files_free
+        out.f_favail = s.files_free
+        out.f_namemax = s.name_max
+        return out
+
+
+async def run_invalidator(receive: trio.MemoryReceiveChannel[int]) -> None:
+    """Drop the kernel's cached pages of purged inodes, off the request path.
+
+    ``invalidate_inode`` may block (pyfuse3 warns about writeback caching), so it
+    runs in a worker thread and never inside a request handler.
+    """
+    async for ino in receive:
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                log.warning("invalidate_inode(%d) failed: %s", ino, os.strerror(e.errno or 0))

@@ -1,0 +1,370 @@
+"""Page store: file data in 4096-byte pages with exact memory accounting.
+
+Nothing here knows about FUSE, inodes or volatility.  The store owns one
+anonymous private mapping (the *arena*) reserved for the memory cap with
+``MAP_NORESERVE``: reserving address space costs nothing, a page of it only
+becomes resident when written, and ``madvise(MADV_DONTNEED)`` on a freed slot
+hands the memory straight back to the kernel.  This is why resident bytes are
+exact (one slot = one page of data) and why freeing really lowers the daemon's
+RSS, which a heap of ``bytes`` objects cannot promise: malloc keeps freed
+chunks in its arenas.
+
+Each file has a :class:`FileData` page table: a dict of chunks, each an
+``array('i')`` of CHUNK_PAGES entries holding a slot number, :data:`HOLE`
+(never written, reads as zeros, costs nothing) or :data:`PURGED` (data was
+discarded; reads fail unless the caller asks for zeros).  A chunk costs 1 KiB
+per MiB of file, and missing chunks cost nothing, so sparse files stay cheap.
+
+Slots handed out for consecutive pages of one write are consecutive whenever
+the free list allows, so sequential I/O moves one contiguous slice per request
+instead of one per page.
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+from collections.abc import Iterator
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+CHUNK_SHIFT = 8
+CHUNK_PAGES = 1 << CHUNK_SHIFT  # 256 pages = 1 MiB of file per chunk
+CHUNK_MASK = CHUNK_PAGES - 1
+
+HOLE = -1
+PURGED = -2
+
+# Python < 3.13 lacks the constant; 0x4000 is its value on every Linux architecture
+# that pyfuse3 supports.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+_EMPTY_CHUNK = array("i", [HOLE]) * CHUNK_PAGES
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class NoSpaceError(Exception):
+    """Not enough free pages under the cap; nothing was changed."""
+
+    def __init__(self, needed: int, free: int) -> None:
+        super().__init__(f"need {needed} free pages, {free} available")
+        self.needed = needed
+        self.free = free
+
+
+class PurgedPageError(Exception):
+    """A read touched a page whose data was purged."""
+
+    def __init__(self, page: int) -> None:
+        super().__init__(f"page {page} was purged")
+        self.page = page
+
+
+def pages_spanned(size: int) -> int:
+    """Number of pages needed to hold *size* bytes."""
+    return (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+
+
+class PageStore:
+    """The arena and its accounting: the one place that allocates page memory."""
+
+    def __init__(self, cap_bytes: int) -> None:
+        if cap_bytes < PAGE_SIZE:
+            raise ValueError(f"memory cap {cap_bytes} is smaller than one page ({PAGE_SIZE})")
+        self.capacity_pages = cap_bytes // PAGE_SIZE
+        self.cap_bytes = self.capacity_pages * PAGE_SIZE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+        self._mm = mmap.mmap(-1, self.cap_bytes, flags=flags)
+        self.view = memoryview(self._mm)
+        # Free slots, kept so that pop() yields ascending runs: freed runs are
+        # pushed highest slot first.  Every slot in here has been madvised away
+        # and reads as zeros.
+        self._free: list[int] = []
+        self._bump = 0  # slots >= _bump have never been handed out
+        self.used_pages = 0
+
+    # -- accounting -------------------------------------------------------
+    @property
+    def resident_bytes(self) -> int:
+        return self.used_pages * PAGE_SIZE
+
+    @property
+    def free_pages(self) -> int:
+        return self.capacity_pages - self.used_pages
+
+    # -- slots ------------------------------------------------------------
+    def alloc_many(self, count: int) -> list[int]:
+        """Hand out *count* zero-filled slots, ascending where possible.
+
+        Raises NoSpaceError (changing nothing) if fewer than *count* are free.
+        """
+        if count > self.free_pages:
+            raise NoSpaceError(count, self.free_pages)
+        free = self._free
+        taken = min(count, len(free))
+        slots: list[int] = []
+        if taken:
+            slots = free[-taken:]
+            del free[-taken:]
+            slots.reverse()
+        if taken < count:
+            slots.extend(range(self._bump, self._bump + count - taken))
+            self._bump += count - taken
+        self.used_pages += count
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        """Give slots back; their memory returns to the kernel at once."""
+        if not slots:
+            return
+        slots.sort()
+        madvise = self._mm.madvise
+        start = prev = slots[0]
+        for slot in slots[1:]:
+            if slot != prev + 1:
+                madvise(mmap.MADV_DONTNEED, start << PAGE_SHIFT, (prev - start + 1) << PAGE_SHIFT)
+                start = slot
+            prev = slot
+        madvise(mmap.MADV_DONTNEED, start << PAGE_SHIFT, (prev - start + 1) << PAGE_SHIFT)
+        slots.reverse()
+        self._free.extend(slots)
+        self.used_pages -= len(slots)
+
+    def check_invariants(self) -> None:
+        assert 0 <= self.used_pages <= self.capacity_pages
+        assert len(self._free) == len(set(self._free))
+        assert self.used_pages == self._bump - len(self._free)
+
+
+class FileData:
+    """One file's pages: a sparse page table over the shared :class:`PageStore`."""
+
+    __slots__ = ("_chunks", "resident_pages", "size", "store")
+
+    def __init__(self, store: PageStore) -> None:
+        self.store = store
+        self._chunks: dict[int, array[int]] = {}
+        self.size = 0
+        self.resident_pages = 0
+
+    # -- queries ----------------------------------------------------------
+    def slot_of(self, page: int) -> int:
+        chunk = self._chunks.get(page >> CHUNK_SHIFT)
+        return HOLE if chunk is None else chunk[page & CHUNK_MASK]
+
+    def pages_needed(self, off: int, length: int) -> int:
+        """How many new slots a write of *length* bytes at *off* would take."""
+        if length <= 0:
+            return 0
+        first = off >> PAGE_SHIFT
+        last = (off + length - 1) >> PAGE_SHIFT
+        needed = 0
+        for ci in range(first >> CHUNK_SHIFT, (last >> CHUNK_SHIFT) + 1):
+            lo = max(first - (ci << CHUNK_SHIFT), 0)
+            hi = min(last - (ci << CHUNK_SHIFT), CHUNK_MASK) + 1
+            chunk = self._chunks.get(ci)
+            if chunk is None:
+                needed += hi - lo
+            else:
+                for i in range(lo, hi):
+                    if chunk[i] < 0:
+                        needed += 1
+        return needed
+
+    def runs(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """Yield (page, count, slot) runs covering pages [first, end).
+
+        A run is a stretch of pages whose slots are consecutive (slot >= 0),
+        or a stretch of holes (slot HOLE) or purged pages (slot PURGED).
+        """
+        page = first
+        while page < end:
+            ci = page >> CHUNK_SHIFT
+            chunk = self._chunks.get(ci)
+            chunk_end = min((ci + 1) << CHUNK_SHIFT, end)
+            if chunk is None:
+                yield page, chunk_end - page, HOLE
+                page = chunk_end
+                continue
+            base = ci << CHUNK_SHIFT
+            i = page - base
+            stop = chunk_end - base
+            while i < stop:
+                slot = chunk[i]
+                j = i + 1
+                if slot >= 0:
+                    while j < stop and chunk[j] == slot + (j - i):
+                        j += 1
+                else:
+                    while j < stop and chunk[j] == slot:
+                        j += 1
+                yield base + i, j - i, slot
+                i = j
+            page = chunk_end
+
+    def purged_runs(self) -> list[tuple[int, int]]:
+        """Purged pages as (first_page, page_count), ascending."""
+        out: list[tuple[int, int]] = []
+        for ci in sorted(self._chunks):
+            chunk = self._chunks[ci]
+            if PURGED not in chunk:
+                continue
+            base = ci << CHUNK_SHIFT
+            for page, count, slot in self.runs(base, base + CHUNK_PAGES):
+                if slot == PURGED:
+                    if out and out[-1][0] + out[-1][1] == page:
+                        out[-1] = (out[-1][0], out[-1][1] + count)
+                    else:
+                        out.append((page, count))
+        return out
+
+    # -- data -------------------------------------------------------------
+    def read(
+        self, off: int, length: int, purged_as_zeros: bool = False
+    ) -> memoryview | bytes | bytearray:
+        """Return up to *length* bytes at *off*, clipped to the file size.
+
+        Raises PurgedPageError if any page touched holds purged data (unless
+        *purged_as_zeros*): the caller must fail the whole request, because a
+        short reply would look like end-of-file to the kernel.
+        """
+        length = min(length, self.size - off)
+        if length <= 0:
+            return b""
+        first = off >> PAGE_SHIFT
+        end = ((off + length - 1) >> PAGE_SHIFT) + 1
+        view = self.store.view
+        pieces = list(self.runs(first, end))
+        if not purged_as_zeros:
+            for page, _count, slot in pieces:
+                if slot == PURGED:
+                    raise PurgedPageError(page)
+        skip = off - (first << PAGE_SHIFT)
+        if len(pieces) == 1 and pieces[0][2] >= 0:
+            start = (pieces[0][2] << PAGE_SHIFT) + skip
+            return view[start : start + length]
+        out = bytearray(length)
+        pos = -skip  # position in *out* of the current run's first byte
+        for _page, count, slot in pieces:
+            nbytes = count << PAGE_SHIFT
+            if slot >= 0:
+                lo = max(pos, 0)
+                hi = min(pos + nbytes, length)
+                src = (slot << PAGE_SHIFT) + (lo - pos)
+                out[lo:hi] = view[src : src + hi - lo]
+            pos += nbytes
+        return out
+
+    def write(self, off: int, data: bytes | memoryview) -> int:
+        """Store *data* at *off*, growing the file; all or nothing.
+
+        Raises NoSpaceError, having changed nothing, when the store lacks the
+        free pages the write needs.  Writing a purged page makes it data again
+        (its unwritten bytes read as zeros).
+        """
+        length = len(data)
+        if length == 0:
+            return 0
+        store = self.store
+        needed = self.pages_needed(off, length)
+        if needed > store.free_pages:
+            raise NoSpaceError(needed, store.free_pages)
+        first = off >> PAGE_SHIFT
+        last = (off + length - 1) >> PAGE_SHIFT
+        chunks = self._chunks
+        src = memoryview(data).cast("B")
+        view = store.view
+        pos = -(off & (PAGE_SIZE - 1))  # offset in *data* of the current page's first byte
+        for ci in range(first >> CHUNK_SHIFT, (last >> CHUNK_SHIFT) + 1):
+            base = ci << CHUNK_SHIFT
+            lo = max(first - base, 0)
+            hi = min(last - base, CHUNK_MASK) + 1
+            chunk = chunks.get(ci)
+            if chunk is None:
+                chunk = chunks[ci] = array("i", _EMPTY_CHUNK)
+                chunk[lo:hi] = array("i", store.alloc_many(hi - lo))
+                self.resident_pages += hi - lo
+            else:
+                missing = [i for i in range(lo, hi) if chunk[i] < 0]
+                if missing:  # holes and purged pages get fresh, zero-filled slots
+                    for i, slot in zip(missing, store.alloc_many(len(missing)), strict=True):
+                        chunk[i] = slot
+                    self.resident_pages += len(missing)
+            # Copy runs of consecutive slots with one slice assignment each.
+            i = lo
+            while i < hi:
+                slot = chunk[i]
+                j = i + 1
+                while j < hi and chunk[j] == slot + (j - i):
+                    j += 1
+                run_lo = max(pos, 0)
+                run_hi = min(pos + ((j - i) << PAGE_SHIFT), length)
+                dst = (slot << PAGE_SHIFT) + (run_lo - pos)
+                view[dst : dst + run_hi - run_lo] = src[run_lo:run_hi]
+                pos += (j - i) << PAGE_SHIFT
+                i = j
+        self.size = max(self.size, off + length)
+        return length
+
+    def truncate(self, size: int) -> None:
+        """Set the file size; pages wholly past it are freed, purged marks included."""
+        if size < self.size:
+            keep = pages_spanned(size)
+            self._drop_from(keep)
+            tail = size & (PAGE_SIZE - 1)
+            if tail:
+                slot = self.slot_of(size >> PAGE_SHIFT)
+                if slot >= 0:
+                    start = (slot << PAGE_SHIFT) + tail
+                    self.store.view[start : (slot + 1) << PAGE_SHIFT] = _ZERO_PAGE[tail:]
+        self.size = size
+
+    def _drop_from(self, keep_pages: int) -> None:
+        freed: list[int] = []
+        for ci in [c for c in self._chunks if (c + 1) << CHUNK_SHIFT > keep_pages]:
+            chunk = self._chunks[ci]
+            lo = max(keep_pages - (ci << CHUNK_SHIFT), 0)
+            for i in range(lo, CHUNK_PAGES):
+                slot = chunk[i]
+                if slot >= 0:
+                    freed.append(slot)
+                chunk[i] = HOLE
+            if lo == 0:
+                del self._chunks[ci]
+        self.resident_pages -= len(freed)
+        self.store.release(freed)
+
+    def purge(self, first: int, end: int) -> int:
+        """Discard the data of pages [first, end); holes stay holes.
+
+        Returns the number of pages freed.
+        """
+        freed: list[int] = []
+        for ci in range(first >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1 if end > first else 0):
+            chunk = self._chunks.get(ci)
+            if chunk is None:
+                continue
+            base = ci << CHUNK_SHIFT
+            for i in range(max(first - base, 0), min(end - base, CHUNK_PAGES)):
+                slot = chunk[i]
+                if slot >= 0:
+                    freed.append(slot)
+                    chunk[i] = PURGED
+        self.resident_pages -= len(freed)
+        self.store.release(freed)
+        return len(freed)
+
+    def resident_in(self, first: int, end: int) -> int:
+        """Number of resident pages in [first, end)."""
+        return sum(count for _p, count, slot in self.runs(first, end) if slot >= 0)
+
+    def free(self) -> None:
+        """Release every page (the inode is gone)."""
+        self._drop_from(0)
+        self.size = 0
+
+    def check_invariants(self) -> None:
+        resident = 0
+        for chunk in self._chunks.values():
+            resident += sum(1 for s in chunk if s >= 0)
+        assert resident == self.resident_pages, (resident, self.resident_pages)

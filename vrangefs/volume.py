@@ -1,0 +1,460 @@
+"""The filesystem model: inodes, directories, file data and volatility, without FUSE.
+
+Every method is synchronous.  The daemon runs requests as trio tasks, and under
+trio code between two awaits runs without interruption, so each method here
+is atomic with respect to every other request: no method needs a lock, and
+none may ever await.  Work that has to wait on the kernel (invalidating its
+page cache after a purge) is not done here; methods record which inodes need
+it in :attr:`Volume.stale_inodes` and the adapter acts on that after the
+request.
+
+Errors are raised as :class:`FsError` carrying an errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from vrangefs.errors import FsError
+from vrangefs.inodes import ROOT_INO, Directory, Inode, InodeTable, now_ns
+from vrangefs.pagestore import PAGE_SIZE, FileData, NoSpaceError, PageStore, PurgedPageError
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+XATTR_SIZE_MAX = 65536
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who makes a request: what new inodes are owned by."""
+
+    uid: int
+    gid: int
+
+
+@dataclass(slots=True)
+class AttrChange:
+    """The fields of a SETATTR request; None means unchanged."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FsStats:
+    block_size: int
+    blocks: int
+    blocks_free: int
+    files: int
+    files_free: int
+    name_max: int
+
+
+class Volume:
+    """One mounted filesystem: the composition of inode table and page store."""
+
+    def __init__(
+        self,
+        store: PageStore,
+        *,
+        root_mode: int = 0o1777,
+        root_uid: int | None = None,
+        root_gid: int | None = None,
+        purged_reads_zeros: bool = False,
+        max_inodes: int | None = None,
+    ) -> None:
+        self.store = store
+        self.inodes = InodeTable()
+        self.purged_reads_zeros = purged_reads_zeros
+        self.max_inodes = max_inodes if max_inodes is not None else max(store.capacity_pages, 1024)
+        uid = os.getuid() if root_uid is None else root_uid
+        gid = os.getgid() if root_gid is None else root_gid
+        root = self.inodes.new(stat.S_IFDIR | (root_mode & 0o7777), uid, gid)
+        assert root.ino == ROOT_INO
+        root.dir = Directory()
+        root.nlink = 2
+        root.lookups = 1  # the kernel holds the root for the life of the mount
+        self.stale_inodes: set[int] = set()
+
+    # -- lookups ------------------------------------------------------------
+    def inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise FsError(errno.ESTALE, f"no inode {ino}")
+        return inode
+
+    def _dir(self, ino: int) -> tuple[Inode, Directory]:
+        inode = self.inode(ino)
+        if inode.dir is None:
+            raise FsError(errno.ENOTDIR)
+        return inode, inode.dir
+
+    def _child(self, parent: int, name: bytes) -> Inode:
+        _, d = self._dir(parent)
+        ino = d.entries.get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self.inode(ino)
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        """Find *name* in *parent* and count one more kernel reference to it."""
+        inode = self.inode(parent) if name == b"." else self._child(parent, name)
+        inode.lookups += 1
+        return inode
+
+    def count_lookup(self, inode: Inode) -> None:
+        """The kernel took a reference through readdirplus."""
+        inode.lookups += 1
+
+    def forget(self, ino: int, count: int) -> None:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            log.warning("forget of unknown inode %d", ino)
+            return
+        if count > inode.lookups:
+            log.error("forget(%d, %d) exceeds lookup count %d", ino, count, inode.lookups)
+            count = inode.lookups
+        inode.lookups -= count
+        self._release_if_dead(inode)
+
+    def _release_if_dead(self, inode: Inode) -> None:
+        """Free what nobody can reach any more.
+
+        Data goes as soon as no name and no open file refer to it (nothing can
+        read it then; an mmap holds the file open), as tmpfs frees it on the
+        last unlink or close.  The inode itself lives on until the kernel
+        forgets it, so late requests find it.
+        """
+        if inode.nlink > 0 or inode.opens > 0 or inode.ino == ROOT_INO:
+            return
+        if inode.data is not None and (inode.data.resident_pages or inode.data.size):
+            inode.data.free()
+        self.drop_volatility(inode)
+        if inode.lookups == 0:
+            self.inodes.remove(inode.ino)
+
+    def drop_volatility(self, inode: Inode) -> None:
+        """Forget an inode's volatile ranges (it is being freed)."""
+        inode.vroot = None
+
+    # -- creating -----------------------------------------------------------
+    def _new_child(
+        self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0
+    ) -> Inode:
+        pinode, d = self._dir(parent)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if name in d.entries:
+            raise FsError(errno.EEXIST)
+        if pinode.nlink == 0:
+            raise FsError(errno.ENOENT, "parent directory was removed")
+        if len(self.inodes) >= self.max_inodes:
+            raise FsError(errno.ENOSPC, "inode limit reached")
+        gid = caller.gid
+        if pinode.mode & stat.S_ISGID:  # BSD group semantics under a setgid directory
+            gid = pinode.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        inode = self.inodes.new(mode, caller.uid, gid, rdev)
+        inode.nlink = 1
+        inode.lookups = 1
+        d.add(name, inode.ino)
+        pinode.touch(mtime=True, ctime=True)
+        return inode
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Inode:
+        fmt = stat.S_IFMT(mode)
+        if fmt == 0:
+            mode |= stat.S_IFREG
+        elif fmt not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            raise FsError(errno.EINVAL, f"mknod of unsupported type {oct(fmt)}")
+        inode = self._new_child(parent, name, mode, caller, rdev)
+        if stat.S_ISREG(mode):
+            inode.data = FileData(self.store)
+        return inode
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        inode = self._new_child(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+        inode.dir = Directory()
+        inode.nlink = 2
+        self.inode(parent).nlink += 1
+        return inode
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
+        if len(target) >= 4096:
+            raise FsError(errno.ENAMETOOLONG)
+        inode = self._new_child(parent, name, stat.S_IFLNK | 0o777, caller)
+        inode.target = target
+        return inode
+
+    def readlink(self, ino: int) -> bytes:
+        inode = self.inode(ino)
+        if inode.target is None:
+            raise FsError(errno.EINVAL)
+        return inode.target
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        inode = self.inode(ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM)
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT)
+        pinode, d = self._dir(new_parent)
+        if len(new_name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if new_name in d.entries:
+            raise FsError(errno.EEXIST)
+        d.add(new_name, ino)
+        inode.nlink += 1
+        inode.lookups += 1
+        inode.touch(ctime=True)
+        pinode.touch(mtime=True, ctime=True)
+        return inode
+
+    # -- removing -----------------------------------------------------------
+    def unlink(self, parent: int, name: bytes) -> None:
+        pinode, d = self._dir(parent)
+        inode = self._child(parent, name)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        d.remove(name)
+        inode.nlink -= 1
+        inode.touch(ctime=True)
+        pinode.touch(mtime=True, ctime=True)
+        self._release_if_dead(inode)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        pinode, d = self._dir(parent)
+        inode = self._child(parent, name)
+        if inode.dir is None:
+            raise FsError(errno.ENOTDIR)
+        if len(inode.dir):
+            raise FsError(errno.ENOTEMPTY)
+        d.remove(name)
+        inode.nlink = 0
+        inode.touch(ctime=True)
+        pinode.nlink -= 1
+        pinode.touch(mtime=True, ctime=True)
+        self._release_if_dead(inode)
+
+    def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int
+    ) -> None:
+        op, od = self._dir(old_parent)
+        np, nd = self._dir(new_parent)
+        src = self._child(old_parent, old_name)
+        if len(new_name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        dst_ino = nd.entries.get(new_name)
+        dst = self.inode(dst_ino) if dst_ino is not None else None
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL, f"unknown rename flags {flags:#x}")
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise FsError(errno.EEXIST)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            od.add(old_name, dst.ino)
+            nd.add(new_name, src.ino)
+            if op is not np and src.is_dir != dst.is_dir:
+                delta = 1 if src.is_dir else -1
+                op.nlink -= delta
+                np.nlink += delta
+            for inode in (src, dst, op, np):
+                inode.touch(ctime=True)
+            op.touch(mtime=True)
+            np.touch(mtime=True)
+            return
+        if dst is src:
+            return  # POSIX: two links to one file: do nothing
+        if dst is not None:
+            if src.is_dir:
+                if dst.dir is None:
+                    raise FsError(errno.ENOTDIR)
+                if len(dst.dir):
+                    raise FsError(errno.ENOTEMPTY)
+            elif dst.is_dir:
+                raise FsError(errno.EISDIR)
+        od.remove(old_name)
+        if dst is not None:
+            nd.remove(new_name)
+            if dst.is_dir:
+                dst.nlink = 0
+                np.nlink -= 1
+            else:
+                dst.nlink -= 1
+            dst.touch(ctime=True)
+        nd.add(new_name, src.ino)
+        if src.is_dir and op is not np:
+            op.nlink -= 1
+            np.nlink += 1
+        src.touch(ctime=True)
+        op.touch(mtime=True, ctime=True)
+        np.touch(mtime=True, ctime=True)
+        if dst is not None:
+            self._release_if_dead(dst)
+
+    # -- attributes -----------------------------------------------------------
+    def setattr(self, ino: int, change: AttrChange) -> Inode:
+        inode = self.inode(ino)
+        t = now_ns()
+        if change.size is not None:
+            if inode.data is None:
+                raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
+            if change.size < 0:
+                raise FsError(errno.EINVAL)
+            self.truncate(inode, change.size)
+            inode.mtime_ns = t
+        if change.mode is not None:
+            inode.mode = stat.S_IFMT(inode.mode) | (change.mode & 0o7777)
+        if change.uid is not None:
+            inode.uid = change.uid
+        if change.gid is not None:
+            inode.gid = change.gid
+        if change.atime_ns is not None:
+            inode.atime_ns = change.atime_ns
+        if change.mtime_ns is not None:
+            inode.mtime_ns = change.mtime_ns
+        inode.ctime_ns = t
+        return inode
+
+    def truncate(self, inode: Inode, size: int) -> None:
+        assert inode.data is not None
+        inode.data.truncate(size)
+
+    # -- data -----------------------------------------------------------------
+    def open(self, ino: int) -> Inode:
+        inode = self.inode(ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR)
+        inode.opens += 1
+        return inode
+
+    def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
+        inode = self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, caller)
+        inode.opens += 1
+        return inode
+
+    def release(self, ino: int) -> None:
+        inode = self.inode(ino)
+        inode.opens -= 1
+        self._release_if_dead(inode)
+
+    def read(self, ino: int, off: int, size: int) -> memoryview | bytes | bytearray:
+        inode = self.inode(ino)
+        data = inode.data
+        if data is None:
+            raise FsError(errno.EINVAL)
+        try:
+            buf = data.read(off, size, self.purged_reads_zeros)
+        except PurgedPageError as e:
+            raise FsError(errno.EIO, f"inode {ino}: page {e.page} was purged") from None
+        inode.touch_atime_relatime()
+        return buf
+
+    def write(self, ino: int, off: int, buf: bytes) -> int:
+        inode = self.inode(ino)
+        data = inode.data
+        if data is None:
+            raise FsError(errno.EINVAL)
+        try:
+            written = data.write(off, buf)
+        except NoSpaceError as e:
+            if not self.reclaim(e.needed):
+                raise FsError(errno.ENOSPC, f"inode {ino}: {e}") from None
+            written = data.write(off, buf)
+        inode.touch(mtime=True, ctime=True)
+        return written
+
+    def reclaim(self, pages: int) -> bool:
+        """Free at least *pages* pages of the store if policy allows; True on success."""
+        return self.store.free_pages >= pages
+
+    # -- directories ------------------------------------------------------------
+    def opendir(self, ino: int) -> Inode:
+        inode, _ = self._dir(ino)
+        return inode
+
+    def readdir(self, ino: int, after: int) -> list[tuple[int, bytes, Inode]]:
+        """Entries after cookie *after*: (cookie, name, inode)."""
+        inode, d = self._dir(ino)
+        inode.touch_atime_relatime()
+        out = []
+        for cookie, name in d.after(after):
+            child = self.inodes.get(d.entries[name])
+            if child is not None:
+                out.append((cookie, name, child))
+        return out
+
+    # -- extended attributes ------------------------------------------------------
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        inode = self.inode(ino)
+        xattrs = inode.xattrs
+        if xattrs is None or name not in xattrs:
+            raise FsError(errno.ENODATA)
+        return xattrs[name]
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        inode = self.inode(ino)
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} not supported")
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        if inode.xattrs is None:
+            inode.xattrs = {}
+        inode.xattrs[name] = bytes(value)
+        inode.touch(ctime=True)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        inode = self.inode(ino)
+        return list(inode.xattrs) if inode.xattrs else []
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        inode = self.inode(ino)
+        if not inode.xattrs or name not in inode.xattrs:
+            raise FsError(errno.ENODATA)
+        del inode.xattrs[name]
+        inode.touch(ctime=True)
+
+    # -- whole filesystem ------------------------------------------------------------
+    def statfs(self) -> FsStats:
+        store = self.store
+        return FsStats(
+            block_size=PAGE_SIZE,
+            blocks=store.capacity_pages,
+            blocks_free=store.free_pages,
+            files=self.max_inodes,
+            files_free=max(self.max_inodes - len(self.inodes), 0),
+            name_max=NAME_MAX,
+        )
+
+    def check_invariants(self) -> None:
+        """Assert the whole model is consistent (tests call this after each step)."""
+        self.store.check_invariants()
+        resident = 0
+        for inode in self.inodes:
+            if inode.data is not None:
+                inode.data.check_invariants()
+                resident += inode.data.resident_pages
+            if inode.dir is not None:
+                subdirs = 0
+                for child_ino in inode.dir.entries.values():
+                    child = self.inodes.get(child_ino)
+                    assert child is not None, f"dangling entry to {child_ino}"
+                    subdirs += child.is_dir
+                if inode.nlink:
+                    assert inode.nlink == 2 + subdirs, (inode.ino, inode.nlink, subdirs)
+            assert inode.alive or inode.ino == ROOT_INO
+        assert resident == self.store.used_pages, (resident, self.store.used_pages)
