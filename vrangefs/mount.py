@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from vrangefs.operations import Operations, run_invalidator
+from vrangefs.operations import Operations
 from vrangefs.pagestore import PageStore
 from vrangefs.volume import Volume
 
@@ -61,11 +61,9 @@ def build(config: MountConfig) -> Operations:
 
 
 async def _serve(ops: Operations, workers: int) -> None:
-    send, receive = trio.open_memory_channel[int](1 << 16)
-    ops.bind_invalidator(send)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        nursery.start_soon(run_invalidator, receive)
+        nursery.start_soon(ops.run_invalidator)
         await pyfuse3.main(min_tasks=1, max_tasks=workers)
         nursery.cancel_scope.cancel()
 

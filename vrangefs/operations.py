@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
@@ -18,8 +19,10 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
+from vrangefs import control
 from vrangefs.errors import FsError
 from vrangefs.inodes import Inode
+from vrangefs.protocol import NONVOLATILE_B, PURGED_B
 from vrangefs.volume import AttrChange, Caller, Volume
 
 log = logging.getLogger(__name__)
@@ -71,7 +74,9 @@ class Operations(pyfuse3.Operations):
     def __init__(self, volume: Volume) -> None:
         super().__init__()
         self.volume = volume
-        self._invalidate_send: trio.MemorySendChannel[int] | None = None
+        self._invalidate_send: trio.MemorySendChannel[tuple[int, trio.Semaphore | None]] | None
+        self._invalidate_send = None
+        self._reinvalidate: set[int] = set()
 
     # -- helpers ----------------------------------------------------------------
     def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -94,18 +99,54 @@ class Operations(pyfuse3.Operations):
         return attr
 
     def _flush_stale(self) -> None:
-        """Queue kernel cache invalidation for inodes whose pages were purged."""
-        stale = self.volume.stale_inodes
-        if not stale:
-            return
-        send = self._invalidate_send
-        for ino in stale:
-            if send is not None:
-                send.send_nowait(ino)
-        stale.clear()
+        """Start invalidating the kernel's cache of every inode a purge just touched.
 
-    def bind_invalidator(self, send: trio.MemorySendChannel[int]) -> None:
+        Called right after any volume call that may purge, with no await in
+        between, so each purged inode's ``vrange_root`` lock is taken in the
+        same atomic step as the purge.  The invalidator releases it once the
+        kernel has dropped the inode's cached pages; requests that must not race
+        a purge (marking non-volatile, reading ``user.vrange.purged``) take the
+        lock first.  Write handlers never wait for the invalidation: the kernel
+        holds the pages of an in-flight write locked, so waiting on our own (or
+        another writer's) inode could deadlock.
+        """
+        stale = self.volume.take_stale()
+        for ino in stale:
+            root = self.volume.vroot_of(ino)
+            lock = root.lock if root is not None else None
+            if lock is not None and lock.value == 0:
+                self._reinvalidate.add(ino)  # invalidation under way: its holder repeats it
+                continue
+            if lock is not None:
+                lock.acquire_nowait()
+            if self._invalidate_send is None:  # not serving (tests of the adapter alone)
+                if lock is not None:
+                    lock.release()
+                continue
+            self._invalidate_send.send_nowait((ino, lock))
+
+    async def settled(self, ino: int) -> None:
+        """Wait until no purge of *ino* is still visible in the kernel's cache."""
+        root = self.volume.vroot_of(ino)
+        if root is not None and root.lock.value == 0:
+            async with root.lock:
+                pass
+
+    async def run_invalidator(self) -> None:
+        """Serve invalidation requests until cancelled (a task of the daemon's nursery)."""
+        send, receive = trio.open_memory_channel[tuple[int, trio.Semaphore | None]](math.inf)
         self._invalidate_send = send
+        async with receive:
+            async for ino, lock in receive:
+                try:
+                    while True:
+                        self._reinvalidate.discard(ino)
+                        await trio.to_thread.run_sync(_invalidate_inode, ino)
+                        if ino not in self._reinvalidate:
+                            break
+                finally:
+                    if lock is not None:
+                        lock.release()
 
     # -- lookups and attributes ---------------------------------------------------
     @_handler
@@ -142,9 +183,7 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        result = self.attributes(self.volume.setattr(inode, change))
-        self._flush_stale()
-        return result
+        return self.attributes(self.volume.setattr(inode, change))
 
     @_handler
     async def readlink(
@@ -289,6 +328,10 @@ class Operations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        if control.is_control(name):
+            if name == PURGED_B:
+                await self.settled(inode)
+            return control.getxattr(self.volume, inode, name)
         return self.volume.getxattr(inode, name)
 
     @_handler
@@ -299,8 +342,16 @@ class Operations(pyfuse3.Operations):
         value: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self.volume.setxattr(inode, name, value)
+        if not control.is_control(name):
+            self.volume.setxattr(inode, name, value)
+            return
+        if name == NONVOLATILE_B:
+            await self.settled(inode)
+        control.setxattr(self.volume, inode, name, value)
+        purged = self.volume.stale_inodes.copy()
         self._flush_stale()
+        for ino in purged:  # an explicit purge returns once no stale page is left
+            await self.settled(ino)
 
     @_handler
     async def listxattr(
@@ -312,6 +363,8 @@ class Operations(pyfuse3.Operations):
     async def removexattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> None:
+        if control.is_control(name):
+            raise FsError(errno.ENODATA, "user.vrange.* attributes are virtual")
         self.volume.removexattr(inode, name)
 
     # -- filesystem -------------------------------------------------------------------------
@@ -331,15 +384,10 @@ class Operations(pyfuse3.Operations):
         return out
 
 
-async def run_invalidator(receive: trio.MemoryReceiveChannel[int]) -> None:
-    """Drop the kernel's cached pages of purged inodes, off the request path.
-
-    ``invalidate_inode`` may block (pyfuse3 warns about writeback caching), so it
-    runs in a worker thread and never inside a request handler.
-    """
-    async for ino in receive:
-        try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                log.warning("invalidate_inode(%d) failed: %s", ino, os.strerror(e.errno or 0))
+def _invalidate_inode(ino: int) -> None:
+    """Drop the kernel's cached data of *ino* (runs in a worker thread: it may block)."""
+    try:
+        pyfuse3.invalidate_inode(ino)
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+            log.warning("invalidate_inode(%d) failed: %s", ino, os.strerror(e.errno or 0))

@@ -21,7 +21,17 @@ from dataclasses import dataclass
 
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO, Directory, Inode, InodeTable, now_ns
-from vrangefs.pagestore import PAGE_SIZE, FileData, NoSpaceError, PageStore, PurgedPageError
+from vrangefs.pagestore import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    FileData,
+    NoSpaceError,
+    PageStore,
+    PurgedPageError,
+    pages_spanned,
+)
+from vrangefs.protocol import nonvolatile_pages, volatile_pages
+from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +97,9 @@ class Volume:
         root.nlink = 2
         root.lookups = 1  # the kernel holds the root for the life of the mount
         self.stale_inodes: set[int] = set()
+        self.order = PurgeOrder()
+        self.purged_pages_total = 0
+        self.purge_events = 0
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -147,7 +160,9 @@ class Volume:
 
     def drop_volatility(self, inode: Inode) -> None:
         """Forget an inode's volatile ranges (it is being freed)."""
-        inode.vroot = None
+        if inode.vroot is not None:
+            inode.vroot.clear()
+            inode.vroot = None
 
     # -- creating -----------------------------------------------------------
     def _new_child(
@@ -333,6 +348,8 @@ class Volume:
     def truncate(self, inode: Inode, size: int) -> None:
         assert inode.data is not None
         inode.data.truncate(size)
+        if inode.vroot is not None:
+            inode.vroot.truncate(pages_spanned(size))
 
     # -- data -----------------------------------------------------------------
     def open(self, ino: int) -> Inode:
@@ -375,12 +392,130 @@ class Volume:
             if not self.reclaim(e.needed):
                 raise FsError(errno.ENOSPC, f"inode {ino}: {e}") from None
             written = data.write(off, buf)
+        root = inode.vroot
+        if root is not None and len(root) and written:
+            # Written pages of a purged unit hold data again: it must be purgeable again.
+            root.unpurge(off >> PAGE_SHIFT, ((off + written - 1) >> PAGE_SHIFT) + 1)
         inode.touch(mtime=True, ctime=True)
         return written
 
     def reclaim(self, pages: int) -> bool:
-        """Free at least *pages* pages of the store if policy allows; True on success."""
-        return self.store.free_pages >= pages
+        """Purge volatile units, least recently marked first, until *pages* pages are free.
+
+        Non-volatile data is never touched.  Returns False when no volatile unit
+        is left and there is still not enough room.
+        """
+        store = self.store
+        while store.free_pages < pages:
+            unit = self.order.oldest()
+            if unit is None:
+                return False
+            self.purge_unit(unit)
+        return True
+
+    # -- volatile ranges --------------------------------------------------------------
+    def _regular(self, ino: int) -> tuple[Inode, FileData]:
+        inode = self.inode(ino)
+        if inode.data is None:
+            raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
+        return inode, inode.data
+
+    def vroot_of(self, ino: int) -> VrangeRoot | None:
+        inode = self.inodes.get(ino)
+        return inode.vroot if inode is not None else None
+
+    def _vroot(self, inode: Inode) -> VrangeRoot:
+        if inode.vroot is None:
+            inode.vroot = VrangeRoot(inode.ino, self.order)
+        return inode.vroot
+
+    def mark_volatile(self, ino: int, offset: int, length: int) -> None:
+        """Make the pages wholly inside the byte range volatile (one new purge unit)."""
+        inode, data = self._regular(ino)
+        pages = volatile_pages(offset, length, data.size)
+        if pages is not None:
+            self._vroot(inode).mark_volatile(*pages)
+
+    def mark_nonvolatile(self, ino: int, offset: int, length: int) -> list[tuple[int, int]]:
+        """Make every page touching the byte range non-volatile.
+
+        Returns the purged ranges (bytes, clipped to the file) inside those pages:
+        from here on nothing purges them, so the answer cannot go stale.
+        """
+        inode, data = self._regular(ino)
+        pages = nonvolatile_pages(offset, length, data.size)
+        if pages is None:
+            return []
+        if inode.vroot is not None:
+            inode.vroot.mark_nonvolatile(*pages)
+        return self._purged_ranges(data, *pages)
+
+    def purged_ranges(self, ino: int) -> list[tuple[int, int]]:
+        """Byte ranges of the file's purged pages, clipped to its size."""
+        _, data = self._regular(ino)
+        return self._purged_ranges(data, 0, pages_spanned(data.size))
+
+    @staticmethod
+    def _purged_ranges(data: FileData, first: int, end: int) -> list[tuple[int, int]]:
+        out = []
+        for page, count in data.purged_runs():
+            lo = max(page, first)
+            hi = min(page + count, end)
+            if lo < hi:
+                start = lo * PAGE_SIZE
+                stop = min(hi * PAGE_SIZE, data.size)
+                if start < stop:
+                    out.append((start, stop - start))
+        return out
+
+    def volatile_ranges(self, ino: int) -> list[tuple[int, int]]:
+        """The file's purge units as byte ranges, clipped to its size."""
+        inode, data = self._regular(ino)
+        if inode.vroot is None:
+            return []
+        out = []
+        for unit in inode.vroot.units():
+            start = unit.start * PAGE_SIZE
+            stop = min(unit.end * PAGE_SIZE, data.size)
+            if start < stop:
+                out.append((start, stop - start))
+        return out
+
+    def purge_unit(self, unit: PurgeUnit) -> int:
+        """Discard a unit's resident pages; returns how many were freed."""
+        inode = self.inode(unit.ino)
+        assert inode.data is not None and inode.vroot is not None
+        freed = inode.data.purge(unit.start, unit.end)
+        inode.vroot.mark_purged(unit)
+        self.purged_pages_total += freed
+        self.purge_events += 1
+        if freed:
+            self.stale_inodes.add(unit.ino)
+        log.debug("purged %r: %d pages", unit, freed)
+        return freed
+
+    def purge_all(self) -> int:
+        """Purge every volatile unit now (like ashmem's PURGE_ALL_CACHES); returns units."""
+        count = 0
+        while (unit := self.order.oldest()) is not None:
+            self.purge_unit(unit)
+            count += 1
+        return count
+
+    def volatile_resident_pages(self) -> int:
+        """Resident pages inside units that can still be purged (O(units): for stats)."""
+        total = 0
+        for inode in self.inodes:
+            if inode.vroot is not None and inode.data is not None:
+                for unit in inode.vroot.units():
+                    if not unit.purged:
+                        total += inode.data.resident_in(unit.start, unit.end)
+        return total
+
+    def take_stale(self) -> set[int]:
+        """Inodes whose pages were purged since the last call (their kernel cache is stale)."""
+        stale, self.stale_inodes = self.stale_inodes, set()
+        return stale
 
     # -- directories ------------------------------------------------------------
     def opendir(self, ino: int) -> Inode:
@@ -443,11 +578,15 @@ class Volume:
     def check_invariants(self) -> None:
         """Assert the whole model is consistent (tests call this after each step)."""
         self.store.check_invariants()
+        self.order.check_invariants()
         resident = 0
         for inode in self.inodes:
             if inode.data is not None:
                 inode.data.check_invariants()
                 resident += inode.data.resident_pages
+            if inode.vroot is not None:
+                inode.vroot.check_invariants()
+                assert inode.data is not None
             if inode.dir is not None:
                 subdirs = 0
                 for child_ino in inode.dir.entries.values():

@@ -1,0 +1,133 @@
+"""The ``user.vrange.*`` control interface: virtual xattrs mapped onto the volume.
+
+These names are never stored and never listed.  Each is served by one entry
+of a dispatch table; values are parsed strictly by :mod:`vrangefs.protocol`.
+
+Errors (as the contract fixes them): the range names on a directory give
+EISDIR; ``stats`` and ``purge`` exist only on the mount root (elsewhere
+getxattr answers ENODATA and setxattr EINVAL); an unknown ``user.vrange.``
+name answers ENODATA to getxattr and EINVAL to setxattr; a malformed value
+gives EINVAL or ERANGE and changes nothing.  Permission (write access to mark,
+read access to query) is enforced by the kernel before the request arrives,
+because the mount uses ``default_permissions``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+
+from vrangefs import protocol
+from vrangefs.errors import FsError
+from vrangefs.inodes import ROOT_INO
+from vrangefs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+Getter = Callable[[Volume, int], bytes]
+Setter = Callable[[Volume, int, bytes], None]
+
+
+def _range_value(ino: int, name: bytes, value: bytes) -> tuple[int, int]:
+    try:
+        return protocol.parse_range(value)
+    except protocol.RangeError as e:
+        log.warning("inode %d: %s: %s", ino, name.decode(), e)
+        raise FsError(e.errno, str(e)) from None
+
+
+def _set_volatile(volume: Volume, ino: int, value: bytes) -> None:
+    offset, length = _range_value(ino, protocol.VOLATILE_B, value)
+    volume.mark_volatile(ino, offset, length)
+
+
+def _set_nonvolatile(volume: Volume, ino: int, value: bytes) -> None:
+    offset, length = _range_value(ino, protocol.NONVOLATILE_B, value)
+    volume.mark_nonvolatile(ino, offset, length)
+
+
+def _set_purge(volume: Volume, ino: int, value: bytes) -> None:
+    _root_only(ino, errno.EINVAL)
+    try:
+        protocol.parse_purge(value)
+    except protocol.XattrValueError as e:
+        log.warning("%s: %s", protocol.PURGE, e)
+        raise FsError(e.errno, str(e)) from None
+    units = volume.purge_all()
+    log.info("purge all: %d units purged", units)
+
+
+def _get_volatile(volume: Volume, ino: int) -> bytes:
+    return protocol.format_ranges(volume.volatile_ranges(ino))
+
+
+def _get_purged(volume: Volume, ino: int) -> bytes:
+    return protocol.format_ranges(volume.purged_ranges(ino))
+
+
+def _get_stats(volume: Volume, ino: int) -> bytes:
+    _root_only(ino, errno.ENODATA)
+    return protocol.format_stats(stats(volume))
+
+
+def stats(volume: Volume) -> dict[str, int | str]:
+    """The mount statistics, in the order they are printed."""
+    store = volume.store
+    return {
+        "pid": os.getpid(),
+        "memory_cap": store.cap_bytes,
+        "resident_bytes": store.resident_bytes,
+        "volatile_bytes": volume.volatile_resident_pages() * 4096,
+        "purged_bytes_total": volume.purged_pages_total * 4096,
+        "purge_events": volume.purge_events,
+        "volatile_units": len(volume.order),
+        "inodes": len(volume.inodes),
+    }
+
+
+def _root_only(ino: int, err: int) -> None:
+    if ino != ROOT_INO:
+        raise FsError(err, "only on the mount root")
+
+
+# Range names: regular files only (EISDIR on directories, EINVAL on others).
+_RANGE_NAMES = frozenset((protocol.VOLATILE_B, protocol.NONVOLATILE_B, protocol.PURGED_B))
+
+GETTERS: dict[bytes, Getter] = {
+    protocol.VOLATILE_B: _get_volatile,
+    protocol.PURGED_B: _get_purged,
+    protocol.STATS_B: _get_stats,
+}
+
+SETTERS: dict[bytes, Setter] = {
+    protocol.VOLATILE_B: _set_volatile,
+    protocol.NONVOLATILE_B: _set_nonvolatile,
+    protocol.PURGE_B: _set_purge,
+}
+
+
+def is_control(name: bytes) -> bool:
+    return name.startswith(protocol.XATTR_PREFIX_B)
+
+
+def _check_kind(volume: Volume, ino: int, name: bytes) -> None:
+    if name in _RANGE_NAMES and volume.inode(ino).is_dir:
+        raise FsError(errno.EISDIR, f"{name.decode()} on a directory")
+
+
+def getxattr(volume: Volume, ino: int, name: bytes) -> bytes:
+    _check_kind(volume, ino, name)
+    getter = GETTERS.get(name)
+    if getter is None:
+        raise FsError(errno.ENODATA, f"no readable attribute {name!r}")
+    return getter(volume, ino)
+
+
+def setxattr(volume: Volume, ino: int, name: bytes, value: bytes) -> None:
+    _check_kind(volume, ino, name)
+    setter = SETTERS.get(name)
+    if setter is None:
+        raise FsError(errno.EINVAL, f"no writable attribute {name!r}")
+    setter(volume, ino, value)
