@@ -291,6 +291,120 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
     log.warning("daemon %d still running %.0fs after unmount", pid, timeout)
 
 
+# -- volatile ranges ----------------------------------------------------------------
+def _range_args(args: argparse.Namespace) -> tuple[int, int]:
+    """OFFSET and LENGTH from the command line (suffixes allowed), whole file by default."""
+    from vrangefs import protocol
+
+    text = f"{args.offset},{args.length}"
+    try:
+        return protocol.parse_range(text.encode())
+    except protocol.RangeError as e:
+        raise UserError(f"{args.file}: {e}") from None
+
+
+def _os_error(what: str, path: str, e: OSError) -> UserError:
+    return UserError(f"cannot {what} {path}: {e.strerror or e}")
+
+
+def cmd_volatile(args: argparse.Namespace) -> int:
+    from vrangefs import client
+
+    offset, length = _range_args(args)
+    try:
+        client.mark_volatile(args.file, offset, length)
+    except OSError as e:
+        raise _os_error("mark volatile", args.file, e) from None
+    return 0
+
+
+def cmd_nonvolatile(args: argparse.Namespace) -> int:
+    from vrangefs import client
+
+    offset, length = _range_args(args)
+    try:
+        lost = client.mark_nonvolatile(args.file, offset, length)
+    except OSError as e:
+        raise _os_error("mark non-volatile", args.file, e) from None
+    if not lost:
+        print(f"{args.file}: nothing purged")
+        return 0
+    for start, size in lost:
+        print(f"{args.file}: purged {start},{size} ({_size(size)})")
+    return 1 if args.check else 0
+
+
+def _size(n: int) -> str:
+    import humanize
+
+    return str(humanize.naturalsize(n, binary=True, format="%.1f"))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from vrangefs import client
+
+    status = 0
+    for path in args.files:
+        try:
+            units = client.volatile_ranges(path)
+            lost = client.purged(path)
+            st = os.stat(path)
+        except OSError as e:
+            print(f"vrangefs: cannot read the status of {path}: {e.strerror or e}", file=sys.stderr)
+            status = 1
+            continue
+        print(
+            f"{path}: size {st.st_size} ({_size(st.st_size)}), "
+            f"resident {_size(st.st_blocks * 512)}, {len(units)} volatile unit(s), "
+            f"{len(lost)} purged range(s)"
+        )
+        rows = [("volatile", start, size) for start, size in units]
+        rows += [("purged", start, size) for start, size in lost]
+        if rows:
+            print(f"  {'kind':<9} {'offset':>14} {'length':>14}  size")
+            for kind, start, size in sorted(rows, key=lambda r: (r[1], r[0])):
+                print(f"  {kind:<9} {start:>14} {size:>14}  {_size(size)}")
+    return status
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from vrangefs import client
+
+    try:
+        stats = client.stats(args.mountpoint)
+    except OSError as e:
+        raise _os_error("read statistics of", args.mountpoint, e) from None
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        shown = str(value)
+        if isinstance(value, int) and (
+            key.endswith("_bytes") or key.endswith("_total") or key == "memory_cap"
+        ):
+            shown = f"{value} ({_size(value)})"
+        print(f"{key:<{width}}  {shown}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from vrangefs import client
+
+    try:
+        before = client.stats(args.mountpoint)
+        client.purge_all(args.mountpoint)
+        after = client.stats(args.mountpoint)
+    except OSError as e:
+        raise _os_error("purge", args.mountpoint, e) from None
+    freed = int(after.get("purged_bytes_total", 0)) - int(before.get("purged_bytes_total", 0))
+    units = int(after.get("purge_events", 0)) - int(before.get("purge_events", 0))
+    print(f"{args.mountpoint}: purged {units} unit(s), {_size(freed)}")
+    return 0
+
+
 # -- argument parsing -------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -328,6 +442,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("umount", help="unmount a vrangefs filesystem")
     p.add_argument("mountpoint")
     p.set_defaults(func=cmd_umount)
+
+    range_help = "bytes, K/M/G suffixes allowed; LENGTH 0 = through the end of the file"
+    for name, func, text in (
+        ("volatile", cmd_volatile, "let the filesystem purge a range of FILE"),
+        ("nonvolatile", cmd_nonvolatile, "protect a range of FILE again; print what was purged"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("file")
+        p.add_argument("offset", nargs="?", default="0", help=f"OFFSET ({range_help})")
+        p.add_argument("length", nargs="?", default="0", help=f"LENGTH ({range_help})")
+        if name == "nonvolatile":
+            p.add_argument(
+                "--check",
+                action="store_true",
+                help="exit with status 1 if anything in the range was purged",
+            )
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("status", help="show the volatile units and purged ranges of files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stats", help="show a mount's statistics")
+    p.add_argument("mountpoint")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("purge", help="purge every volatile page of a mount now")
+    p.add_argument("mountpoint")
+    p.set_defaults(func=cmd_purge)
     return parser
 
 

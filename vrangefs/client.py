@@ -1,0 +1,170 @@
+"""Python client for applications: mark ranges of vrangefs files volatile and back.
+
+Every function takes a path or an open file descriptor.  Offsets and lengths
+are in bytes; a length of 0 means "through the end of the file".  Example::
+
+    from vrangefs import client
+
+    with open("/mnt/cache/thumb.png", "rb") as f:
+        with client.pinned(f.fileno()) as pin:   # non-volatile while inside
+            if pin.intact:
+                data = f.read()
+            else:
+                data = regenerate()
+    # on exit the whole file is volatile again
+
+The functions refuse files that are not on a vrangefs mount
+(:class:`NotVrangefsError`): on another filesystem a ``user.vrange.*``
+attribute would be stored as an ordinary xattr and mean nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from vrangefs import protocol
+from vrangefs.pagestore import PAGE_SIZE
+
+Target = str | os.PathLike[str] | int
+Range = tuple[int, int]
+
+VRANGE_VOLATILE = 0
+VRANGE_NONVOLATILE = 1
+
+FUSE_FSTYPE = "fuse.vrangefs"
+
+
+class NotVrangefsError(OSError):
+    """The file is not on a vrangefs mount."""
+
+
+@lru_cache(maxsize=256)
+def _fstype_of_dev(dev: int) -> str | None:
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == wanted:
+                return fields[fields.index("-") + 1]
+    return None
+
+
+def _check(target: Target) -> None:
+    st = os.stat(target) if not isinstance(target, int) else os.fstat(target)
+    if _fstype_of_dev(st.st_dev) != FUSE_FSTYPE:
+        raise NotVrangefsError(errno.ENOTSUP, f"{_name(target)} is not on a vrangefs mount")
+
+
+def _name(target: Target) -> str:
+    return f"fd {target}" if isinstance(target, int) else os.fspath(target)
+
+
+def _set(target: Target, name: str, value: bytes) -> None:
+    _check(target)
+    os.setxattr(target, name, value)
+
+
+def _get(target: Target, name: str) -> bytes:
+    _check(target)
+    return os.getxattr(target, name)
+
+
+def _range_value(offset: int, length: int) -> bytes:
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must not be negative: {offset}, {length}")
+    return b"%d,%d" % (offset, length)
+
+
+def _size(target: Target) -> int:
+    return (os.fstat(target) if isinstance(target, int) else os.stat(target)).st_size
+
+
+def mark_volatile(target: Target, offset: int = 0, length: int = 0) -> None:
+    """Let the filesystem purge the pages wholly inside the range (one purge unit)."""
+    _set(target, protocol.VOLATILE, _range_value(offset, length))
+
+
+def mark_nonvolatile(target: Target, offset: int = 0, length: int = 0) -> list[Range]:
+    """Protect every page touching the range; return the purged ranges among them.
+
+    An empty list means the content survived.  Once this returns nothing can
+    purge those pages, so the answer cannot go stale.
+    """
+    _set(target, protocol.NONVOLATILE, _range_value(offset, length))
+    pages = protocol.nonvolatile_pages(offset, length, _size(target))
+    if pages is None:
+        return []
+    lo, hi = pages[0] * PAGE_SIZE, pages[1] * PAGE_SIZE
+    out = []
+    for start, size in purged(target):
+        a, b = max(start, lo), min(start + size, hi)
+        if a < b:
+            out.append((a, b - a))
+    return out
+
+
+def purged(target: Target) -> list[Range]:
+    """The file's purged ranges (pages whose data is gone and not written since)."""
+    return protocol.parse_ranges(_get(target, protocol.PURGED))
+
+
+def volatile_ranges(target: Target) -> list[Range]:
+    """The file's volatile ranges, one per purge unit, purged ones included."""
+    return protocol.parse_ranges(_get(target, protocol.VOLATILE))
+
+
+def stats(mountpoint: str | os.PathLike[str]) -> dict[str, int | str]:
+    """The mount's statistics (``pid``, ``memory_cap``, ``resident_bytes``, ...)."""
+    return protocol.parse_stats(_get(mountpoint, protocol.STATS))
+
+
+def purge_all(mountpoint: str | os.PathLike[str]) -> None:
+    """Purge every volatile page of the mount now."""
+    _set(mountpoint, protocol.PURGE, protocol.PURGE_ALL)
+
+
+def fvrange(fd: int, start: int, length: int, mode: int) -> int:
+    """The 2013 RFC's call: VRANGE_VOLATILE or VRANGE_NONVOLATILE on ``fd``.
+
+    Returns 0 for VOLATILE; for NONVOLATILE, 1 if any page of the range was
+    purged and 0 otherwise, so code written for the kernel proposal ports
+    directly.
+    """
+    if mode == VRANGE_VOLATILE:
+        mark_volatile(fd, start, length)
+        return 0
+    if mode == VRANGE_NONVOLATILE:
+        return 1 if mark_nonvolatile(fd, start, length) else 0
+    raise ValueError(f"invalid fvrange mode {mode}: expected VRANGE_VOLATILE or VRANGE_NONVOLATILE")
+
+
+@dataclass
+class Pin:
+    """What :func:`pinned` found when it made the range non-volatile."""
+
+    purged: list[Range] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        """True if nothing in the range was purged."""
+        return not self.purged
+
+
+@contextmanager
+def pinned(target: Target, offset: int = 0, length: int = 0) -> Iterator[Pin]:
+    """Keep a range non-volatile inside the block; make it volatile again on exit.
+
+    The yielded :class:`Pin` tells whether the content survived.  Rewrite
+    purged pages inside the block if you want them back: a write makes a
+    purged page data again.
+    """
+    pin = Pin(mark_nonvolatile(target, offset, length))
+    try:
+        yield pin
+    finally:
+        mark_volatile(target, offset, length)
