@@ -1,0 +1,381 @@
+"""PageStore and FileData: page bytes and exact memory accounting, without FUSE."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vrangefs.pagestore import (
+    CHUNK_PAGES,
+    HOLE,
+    PAGE_SIZE,
+    PURGED,
+    FileData,
+    NoSpaceError,
+    PageStore,
+    PurgedPageError,
+    pages_spanned,
+)
+
+MiB = 1 << 20
+CHUNK = CHUNK_PAGES * PAGE_SIZE  # bytes of file per page-table chunk (1 MiB)
+
+
+@pytest.fixture
+def store() -> Iterator[PageStore]:
+    s = PageStore(64 * MiB)
+    yield s
+    s.check_invariants()
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_chunk_is_one_mib() -> None:
+    assert MiB == CHUNK
+
+
+def test_sparse_holes_cost_nothing(store: PageStore) -> None:
+    f = FileData(store)
+    f.truncate(1 << 30)
+    assert f.size == 1 << 30
+    assert f.resident_pages == 0
+    assert store.used_pages == 0
+    assert bytes(f.read(700 * MiB + 123, 10_000)) == bytes(10_000)
+    f.write(512 * MiB + 5, b"x")
+    assert f.resident_pages == 1
+    assert store.resident_bytes == PAGE_SIZE
+    assert f.size == 1 << 30
+    f.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("off", "length", "pages"),
+    [
+        (0, 1, 1),
+        (0, PAGE_SIZE, 1),
+        (PAGE_SIZE - 1, 2, 2),
+        (4095, 10, 2),
+        (CHUNK - 3, 7, 2),
+        (CHUNK - PAGE_SIZE - 1, 2 * PAGE_SIZE + 2, 4),
+        (3 * CHUNK + 17, 2 * CHUNK, 2 * CHUNK_PAGES + 1),
+    ],
+)
+def test_resident_accounting_is_exact(store: PageStore, off: int, length: int, pages: int) -> None:
+    f = FileData(store)
+    assert f.pages_needed(off, length) == pages
+    f.write(off, pattern(length))
+    assert f.resident_pages == pages
+    assert store.used_pages == pages
+    assert store.resident_bytes == pages * PAGE_SIZE
+    assert f.pages_needed(off, length) == 0  # rewriting costs nothing
+    f.write(off, pattern(length, seed=2))
+    assert store.used_pages == pages
+    f.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("off", "length"),
+    [
+        (1, 10),
+        (PAGE_SIZE - 7, 14),
+        (CHUNK - 5, 10),
+        (CHUNK - 3 * PAGE_SIZE + 11, 5 * PAGE_SIZE + 3),
+        (2 * CHUNK - 1, CHUNK + 2),
+        (12345, 3 * CHUNK + 777),
+    ],
+)
+def test_write_read_round_trip_across_boundaries(
+    store: PageStore, off: int, length: int
+) -> None:
+    f = FileData(store)
+    data = pattern(length, seed=off)
+    assert f.write(off, data) == length
+    assert f.size == off + length
+    assert bytes(f.read(off, length)) == data
+    assert bytes(f.read(0, off)) == bytes(off)  # the hole before reads as zeros
+    # Reads at odd offsets and lengths within the data, over page and chunk edges.
+    for start, n in [(off + 1, length - 2), (off + length // 3, length // 2), (off, 1)]:
+        assert bytes(f.read(start, n)) == data[start - off : start - off + n]
+    # Reads past the end are clipped.
+    assert bytes(f.read(off + length - 3, 100)) == data[-3:]
+    assert bytes(f.read(off + length, 100)) == b""
+    assert bytes(f.read(off + length + 5000, 100)) == b""
+
+
+def test_overwrite_in_the_middle(store: PageStore) -> None:
+    f = FileData(store)
+    f.write(0, b"a" * (3 * CHUNK))
+    f.write(CHUNK - 2, b"XYZW")
+    assert bytes(f.read(CHUNK - 4, 8)) == b"aaXYZWaa"
+    assert f.size == 3 * CHUNK
+
+
+def test_truncate_shrink_zeroes_the_tail(store: PageStore) -> None:
+    f = FileData(store)
+    f.write(0, b"\xff" * (2 * CHUNK + 100))
+    f.truncate(CHUNK + 10)
+    assert f.size == CHUNK + 10
+    assert f.resident_pages == CHUNK_PAGES + 1
+    assert store.used_pages == CHUNK_PAGES + 1
+    f.truncate(2 * CHUNK + 100)  # extend again: everything past CHUNK + 10 reads zeros
+    assert bytes(f.read(CHUNK, 10)) == b"\xff" * 10
+    assert bytes(f.read(CHUNK + 10, CHUNK + 90)) == bytes(CHUNK + 90)
+    assert f.resident_pages == CHUNK_PAGES + 1  # extending adds holes, not pages
+    f.check_invariants()
+
+
+def test_truncate_to_zero_frees_everything(store: PageStore) -> None:
+    f = FileData(store)
+    f.write(100, pattern(5 * PAGE_SIZE))
+    f.truncate(0)
+    assert f.resident_pages == 0
+    assert store.used_pages == 0
+    f.truncate(PAGE_SIZE)
+    assert bytes(f.read(0, PAGE_SIZE)) == bytes(PAGE_SIZE)
+
+
+def test_purge_marks_pages_purged(store: PageStore) -> None:
+    f = FileData(store)
+    f.write(0, pattern(4 * PAGE_SIZE))
+    f.truncate(8 * PAGE_SIZE)  # pages 4..7 are holes
+    assert f.purge(1, 6) == 3  # pages 1, 2, 3 had data; 4, 5 are holes and stay holes
+    assert [f.slot_of(p) for p in range(1, 6)] == [PURGED, PURGED, PURGED, HOLE, HOLE]
+    assert f.slot_of(0) >= 0
+    assert f.purged_runs() == [(1, 3)]
+    assert f.resident_pages == 1
+    assert store.used_pages == 1
+    f.check_invariants()
+
+
+def test_read_of_purged_page_raises(store: PageStore) -> None:
+    f = FileData(store)
+    data = pattern(4 * PAGE_SIZE)
+    f.write(0, data)
+    f.purge(2, 3)
+    with pytest.raises(PurgedPageError) as info:
+        f.read(0, 4 * PAGE_SIZE)
+    assert info.value.page == 2
+    with pytest.raises(PurgedPageError):
+        f.read(3 * PAGE_SIZE - 1, 1)
+    # Intact pages keep working.
+    assert bytes(f.read(0, 2 * PAGE_SIZE)) == data[: 2 * PAGE_SIZE]
+    assert bytes(f.read(3 * PAGE_SIZE, PAGE_SIZE)) == data[3 * PAGE_SIZE :]
+
+
+def test_purged_as_zeros(store: PageStore) -> None:
+    f = FileData(store)
+    data = pattern(4 * PAGE_SIZE)
+    f.write(0, data)
+    f.purge(1, 3)
+    got = bytes(f.read(10, 4 * PAGE_SIZE, purged_as_zeros=True))
+    expected = data[10:PAGE_SIZE] + bytes(2 * PAGE_SIZE) + data[3 * PAGE_SIZE :]
+    assert got == expected
+
+
+def test_partial_write_into_purged_page(store: PageStore) -> None:
+    f = FileData(store)
+    f.write(0, b"\x77" * (3 * PAGE_SIZE))
+    f.purge(0, 3)
+    assert store.used_pages == 0
+    f.write(PAGE_SIZE + 100, b"new")
+    assert f.slot_of(1) >= 0
+    assert f.purged_runs() == [(0, 1), (2, 1)]
+    page = bytes(f.read(PAGE_SIZE, PAGE_SIZE))
+    assert page == bytes(100) + b"new" + bytes(PAGE_SIZE - 103)
+    assert f.resident_pages == 1
+    # A whole-page write over a purged page works too.
+    f.write(2 * PAGE_SIZE, b"\x01" * PAGE_SIZE)
+    assert f.purged_runs() == [(0, 1)]
+    with pytest.raises(PurgedPageError):
+        f.read(0, 1)
+    f.check_invariants()
+
+
+def test_truncate_drops_purged_marks(store: PageStore) -> None:
+    f = FileData(store)
+    f.write(0, pattern(4 * PAGE_SIZE))
+    f.purge(2, 4)
+    f.truncate(2 * PAGE_SIZE)
+    assert f.purged_runs() == []
+    f.truncate(4 * PAGE_SIZE)
+    assert bytes(f.read(2 * PAGE_SIZE, 2 * PAGE_SIZE)) == bytes(2 * PAGE_SIZE)
+
+
+def test_no_space_changes_nothing() -> None:
+    store = PageStore(8 * PAGE_SIZE)
+    f = FileData(store)
+    first = pattern(5 * PAGE_SIZE)
+    f.write(0, first)
+    g = FileData(store)
+    with pytest.raises(NoSpaceError) as info:
+        f.write(3 * PAGE_SIZE, pattern(6 * PAGE_SIZE, seed=9))  # needs 4 new, 3 free
+    assert (info.value.needed, info.value.free) == (4, 3)
+    with pytest.raises(NoSpaceError):
+        g.write(0, pattern(4 * PAGE_SIZE))
+    assert f.size == 5 * PAGE_SIZE
+    assert bytes(f.read(0, f.size)) == first
+    assert (f.resident_pages, g.resident_pages, store.used_pages) == (5, 0, 5)
+    assert g.size == 0
+    # What fits still fits, exactly to the cap.
+    g.write(0, pattern(3 * PAGE_SIZE))
+    assert store.free_pages == 0
+    store.check_invariants()
+
+
+def test_free_returns_every_slot(store: PageStore) -> None:
+    files = [FileData(store) for _ in range(3)]
+    for i, f in enumerate(files):
+        f.write(i * CHUNK + 11, pattern(CHUNK + 3 * PAGE_SIZE, seed=i))
+    files[1].purge(0, 10**6)
+    assert store.used_pages > 0
+    for f in files:
+        f.free()
+        assert f.resident_pages == 0
+        assert f.size == 0
+    assert store.used_pages == 0
+    assert store.free_pages == store.capacity_pages
+    # Freed slots are handed out again and read as zeros before being written.
+    f = FileData(store)
+    f.write(PAGE_SIZE - 1, b"z")
+    assert bytes(f.read(0, 2 * PAGE_SIZE)) == bytes(PAGE_SIZE - 1) + b"z"
+
+
+def test_cap_is_rounded_to_pages_and_must_hold_one() -> None:
+    assert PageStore(3 * PAGE_SIZE + 5).capacity_pages == 3
+    with pytest.raises(ValueError, match="smaller than one page"):
+        PageStore(PAGE_SIZE - 1)
+
+
+def _vm_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_rss_drops_after_free() -> None:
+    store = PageStore(512 * MiB)
+    f = FileData(store)
+    block = b"\x5a" * MiB
+    before = _vm_rss()
+    for i in range(256):
+        f.write(i * MiB, block)
+    during = _vm_rss()
+    assert during - before >= 240 * MiB, (before, during)
+    f.free()
+    after = _vm_rss()
+    assert after - before < 8 * MiB, (before, during, after)
+    assert store.used_pages == 0
+
+
+# -- FileData against a bytearray model -----------------------------------------------
+@dataclass
+class Model:
+    """What a file should hold: bytes (purged pages as zeros), written and purged pages."""
+
+    data: bytearray = field(default_factory=bytearray)
+    resident: set[int] = field(default_factory=set)
+    purged: set[int] = field(default_factory=set)
+
+    def write(self, off: int, payload: bytes) -> None:
+        if not payload:
+            return  # an empty write does not extend the file
+        if len(self.data) < off + len(payload):
+            self.data.extend(bytes(off + len(payload) - len(self.data)))
+        self.data[off : off + len(payload)] = payload
+        pages = set(range(off // PAGE_SIZE, (off + len(payload) - 1) // PAGE_SIZE + 1))
+        self.resident |= pages
+        self.purged -= pages
+
+    def truncate(self, size: int) -> None:
+        if size < len(self.data):
+            del self.data[size:]
+            keep = pages_spanned(size)
+            self.resident = {p for p in self.resident if p < keep}
+            self.purged = {p for p in self.purged if p < keep}
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+
+    def purge(self, first: int, end: int) -> None:
+        hit = {p for p in self.resident if first <= p < end}
+        self.resident -= hit
+        self.purged |= hit
+        for p in hit:
+            lo = p * PAGE_SIZE
+            hi = min(lo + PAGE_SIZE, len(self.data))
+            self.data[lo:hi] = bytes(max(hi - lo, 0))
+
+    def touches_purged(self, off: int, length: int) -> bool:
+        length = min(length, len(self.data) - off)
+        if length <= 0:
+            return False
+        pages = range(off // PAGE_SIZE, (off + length - 1) // PAGE_SIZE + 1)
+        return any(p in self.purged for p in pages)
+
+
+# Offsets cluster around page and chunk boundaries, where the bugs live.
+_edges = [k * PAGE_SIZE for k in (0, 1, 2, 255, 256, 257, 511, 512, 513)]
+offsets = st.one_of(
+    st.integers(0, 3 * CHUNK),
+    st.builds(lambda e, d: max(e + d, 0), st.sampled_from(_edges), st.integers(-5, 5)),
+)
+lengths = st.one_of(st.integers(0, 3 * PAGE_SIZE), st.integers(0, CHUNK + 3 * PAGE_SIZE))
+ops = st.one_of(
+    st.tuples(st.just("write"), offsets, lengths),
+    st.tuples(st.just("truncate"), offsets, st.just(0)),
+    st.tuples(st.just("read"), offsets, lengths),
+    st.tuples(st.just("purge"), st.integers(0, 3 * CHUNK_PAGES), st.integers(0, 600)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(ops, max_size=25))
+def test_filedata_matches_bytearray_model(steps: list[tuple[str, int, int]]) -> None:
+    store = PageStore(16 * MiB)
+    f = FileData(store)
+    model = Model()
+    for n, (op, a, b) in enumerate(steps):
+        if op == "write":
+            payload = pattern(b, seed=n)
+            f.write(a, payload)
+            model.write(a, payload)
+        elif op == "truncate":
+            f.truncate(a)
+            model.truncate(a)
+        elif op == "purge":
+            f.purge(a, a + b)
+            model.purge(a, a + b)
+        else:
+            expected = bytes(model.data[a : a + b])
+            if model.touches_purged(a, b):
+                with pytest.raises(PurgedPageError):
+                    f.read(a, b)
+            else:
+                assert bytes(f.read(a, b)) == expected
+            assert bytes(f.read(a, b, purged_as_zeros=True)) == expected
+        assert f.size == len(model.data)
+        assert f.resident_pages == len(model.resident) == store.used_pages
+        assert f.purged_runs() == _runs(model.purged)
+        f.check_invariants()
+        store.check_invariants()
+    assert bytes(f.read(0, f.size, purged_as_zeros=True)) == bytes(model.data)
+    f.free()
+    assert store.used_pages == 0
+
+
+def _runs(pages: set[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for p in sorted(pages):
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((p, 1))
+    return out
