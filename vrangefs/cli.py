@@ -122,6 +122,23 @@ def cmd_mount(args: argparse.Namespace) -> int:
             fuse_opts.append(opt)
     if purged_reads not in ("eio", "zeros"):
         raise UserError(f"invalid purged_reads={purged_reads!r}: expected 'eio' or 'zeros'")
+    high = _fraction("--high-watermark", args.high_watermark)
+    low = _fraction("--low-watermark", args.low_watermark)
+    if low > high:
+        raise UserError(
+            f"--low-watermark {args.low_watermark} is above --high-watermark "
+            f"{args.high_watermark}: expected low <= high"
+        )
+    pressure_config = None
+    if args.pressure_purge == "on":
+        from vrangefs.memory import MemoryProbe
+        from vrangefs.pressure import PressureConfig
+
+        try:
+            min_free = parse_size(args.min_free, MemoryProbe().total())
+        except ValueError as e:
+            raise UserError(f"invalid --min-free {args.min_free!r}: {e}") from None
+        pressure_config = PressureConfig(min_free=min_free, interval=args.pressure_interval)
     mountpoint = check_mountpoint(args.mountpoint)
     check_fuse_device()
     config = MountConfig(
@@ -130,10 +147,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
         fuse_options=fuse_opts,
         purged_reads_zeros=purged_reads == "zeros",
         workers=args.workers,
+        high_watermark=high,
+        low_watermark=low,
+        pressure=pressure_config,
     )
     if args.foreground:
         return run_foreground(config, args)
     return spawn_daemon(args, mountpoint)
+
+
+def _fraction(option: str, text: str) -> float:
+    """A percentage such as ``95%`` (or a fraction such as ``0.95``) as a fraction."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise UserError(f"invalid {option} {text!r}: expected a percentage above 0% and up to 100%")
+    return value
 
 
 def run_foreground(config: object, args: argparse.Namespace) -> int:
@@ -155,25 +186,26 @@ def run_foreground(config: object, args: argparse.Namespace) -> int:
     return run(config, ready)
 
 
+# Options the background daemon gets as they were given.
+_PASSED_ON = (
+    "memory_cap",
+    "purged_reads",
+    "workers",
+    "high_watermark",
+    "low_watermark",
+    "pressure_purge",
+    "min_free",
+    "pressure_interval",
+)
+
+
 def spawn_daemon(args: argparse.Namespace, mountpoint: str) -> int:
     """Start the daemon in its own session; return once it is mounted or failed."""
     read_fd, write_fd = os.pipe()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vrangefs",
-        "mount",
-        mountpoint,
-        "--foreground",
-        "--memory-cap",
-        str(args.memory_cap),
-        "--purged-reads",
-        args.purged_reads,
-        "--workers",
-        str(args.workers),
-        "--ready-fd",
-        str(write_fd),
-    ]
+    cmd = [sys.executable, "-m", "vrangefs", "mount", mountpoint, "--foreground"]
+    cmd += ["--ready-fd", str(write_fd)]
+    for option in _PASSED_ON:
+        cmd += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     for opt in args.options:
         cmd += ["-o", opt]
     if args.debug:
@@ -435,7 +467,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="log every request")
     p.add_argument("--log-file", help="write the daemon's log here")
-    p.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--high-watermark",
+        default="100%",
+        help="purge volatile units when resident data would exceed this share of "
+        "the cap (default %(default)s)",
+    )
+    p.add_argument(
+        "--low-watermark",
+        default="95%",
+        help="...and purge down to this share (default %(default)s)",
+    )
+    p.add_argument(
+        "--pressure-purge",
+        choices=("on", "off"),
+        default="on",
+        help="purge volatile units when the machine or cgroup runs short of memory "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--min-free",
+        default="5%",
+        help="available memory below which pressure purging starts: bytes with "
+        "K/M/G suffix or %% of RAM (or of the cgroup limit) (default %(default)s)",
+    )
+    p.add_argument("--pressure-interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from vrangefs import protocol
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO
+from vrangefs.pagestore import PAGE_SIZE
 from vrangefs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -73,18 +74,41 @@ def _get_stats(volume: Volume, ino: int) -> bytes:
 
 
 def stats(volume: Volume) -> dict[str, int | str]:
-    """The mount statistics, in the order they are printed."""
+    """The mount statistics, in the order they are printed.
+
+    ``metadata_bytes`` is the daemon's RSS minus resident data: the interpreter,
+    inode table, page tables and interval trees, everything that is not file
+    data.
+    """
     store = volume.store
-    return {
+    volatile = volume.volatile_resident_pages() * PAGE_SIZE
+    rss = _rss_bytes()
+    out: dict[str, int | str] = {
         "pid": os.getpid(),
         "memory_cap": store.cap_bytes,
         "resident_bytes": store.resident_bytes,
-        "volatile_bytes": volume.volatile_resident_pages() * 4096,
-        "purged_bytes_total": volume.purged_pages_total * 4096,
+        "volatile_bytes": volatile,
+        "nonvolatile_bytes": store.resident_bytes - volatile,
+        "purged_bytes_total": volume.purged_pages_total * PAGE_SIZE,
         "purge_events": volume.purge_events,
-        "volatile_units": len(volume.order),
-        "inodes": len(volume.inodes),
     }
+    for cause, count in volume.purges.items():
+        out[f"purged_bytes_{cause}"] = count.pages * PAGE_SIZE
+        out[f"purge_events_{cause}"] = count.units
+    out.update(
+        volatile_units=len(volume.order),
+        inodes=len(volume.inodes),
+        high_watermark_bytes=volume.high_pages * PAGE_SIZE,
+        low_watermark_bytes=volume.low_pages * PAGE_SIZE,
+        daemon_rss_bytes=rss,
+        metadata_bytes=max(rss - store.resident_bytes, 0),
+    )
+    return out
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGESIZE")
 
 
 def _root_only(ino: int, err: int) -> None:

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from vrangefs import pressure
+from vrangefs.memory import MemoryProbe
 from vrangefs.operations import Operations
 from vrangefs.pagestore import PageStore
+from vrangefs.pressure import PressureConfig
 from vrangefs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,10 @@ class MountConfig:
     root_mode: int = 0o1777
     root_uid: int | None = None
     root_gid: int | None = None
-    workers: int = 1
+    workers: int = 32
+    high_watermark: float = 1.0
+    low_watermark: float = 0.95
+    pressure: PressureConfig | None = None
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -56,15 +62,21 @@ def build(config: MountConfig) -> Operations:
         root_uid=config.root_uid,
         root_gid=config.root_gid,
         purged_reads_zeros=config.purged_reads_zeros,
+        high_watermark=config.high_watermark,
+        low_watermark=config.low_watermark,
     )
     return Operations(volume)
 
 
-async def _serve(ops: Operations, workers: int) -> None:
+async def _serve(ops: Operations, config: MountConfig) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(ops.run_invalidator)
-        await pyfuse3.main(min_tasks=1, max_tasks=workers)
+        if config.pressure is not None:
+            nursery.start_soon(
+                pressure.watch, ops.volume, MemoryProbe(), config.pressure, ops.flush_stale
+            )
+        await pyfuse3.main(min_tasks=1, max_tasks=config.workers)
         nursery.cancel_scope.cancel()
 
 
@@ -97,7 +109,7 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     )
     ready(None)
     try:
-        trio.run(_serve, ops, config.workers)
+        trio.run(_serve, ops, config)
     except BaseException:
         log.exception("main loop failed")
         pyfuse3.close(unmount=True)

@@ -98,7 +98,7 @@ class Operations(pyfuse3.Operations):
         attr.st_ctime_ns = inode.ctime_ns
         return attr
 
-    def _flush_stale(self) -> None:
+    def flush_stale(self) -> None:
         """Start invalidating the kernel's cache of every inode a purge just touched.
 
         Called right after any volume call that may purge, with no await in
@@ -287,7 +287,7 @@ class Operations(pyfuse3.Operations):
     @_handler
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         written = self.volume.write(fh, off, buf)
-        self._flush_stale()
+        self.flush_stale()
         return written
 
     @_handler
@@ -349,7 +349,7 @@ class Operations(pyfuse3.Operations):
             await self.settled(inode)
         control.setxattr(self.volume, inode, name, value)
         purged = self.volume.stale_inodes.copy()
-        self._flush_stale()
+        self.flush_stale()
         for ino in purged:  # an explicit purge returns once no stale page is left
             await self.settled(ino)
 

@@ -255,20 +255,21 @@ class FileData:
             pos += nbytes
         return out
 
-    def write(self, off: int, data: bytes | memoryview) -> int:
+    def write(self, off: int, data: bytes | memoryview, limit: int | None = None) -> int:
         """Store *data* at *off*, growing the file; all or nothing.
 
-        Raises NoSpaceError, having changed nothing, when the store lacks the
-        free pages the write needs.  Writing a purged page makes it data again
-        (its unwritten bytes read as zeros).
+        Raises NoSpaceError, having changed nothing, when the write would take
+        the store's used pages over *limit* (default: its capacity).  Writing
+        a purged page makes it data again (its unwritten bytes read as zeros).
         """
         length = len(data)
         if length == 0:
             return 0
         store = self.store
         needed = self.pages_needed(off, length)
-        if needed > store.free_pages:
-            raise NoSpaceError(needed, store.free_pages)
+        room = (store.capacity_pages if limit is None else limit) - store.used_pages
+        if needed > room:
+            raise NoSpaceError(needed, max(room, 0))
         first = off >> PAGE_SHIFT
         last = (off + length - 1) >> PAGE_SHIFT
         chunks = self._chunks

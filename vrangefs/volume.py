@@ -62,6 +62,20 @@ class AttrChange:
     mtime_ns: int | None = None
 
 
+PURGE_CAUSES = ("cap", "pressure", "explicit")
+# Beyond what the request itself needs, one write purges at most this many
+# pages on its way to the low watermark: the work a request may do is bounded.
+RECLAIM_EXTRA_PAGES = 16384  # 64 MiB
+
+
+@dataclass(slots=True)
+class PurgeCount:
+    """Purges of one cause since mount."""
+
+    units: int = 0
+    pages: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class FsStats:
     block_size: int
@@ -84,6 +98,8 @@ class Volume:
         root_gid: int | None = None,
         purged_reads_zeros: bool = False,
         max_inodes: int | None = None,
+        high_watermark: float = 1.0,
+        low_watermark: float = 0.95,
     ) -> None:
         self.store = store
         self.inodes = InodeTable()
@@ -98,8 +114,16 @@ class Volume:
         root.lookups = 1  # the kernel holds the root for the life of the mount
         self.stale_inodes: set[int] = set()
         self.order = PurgeOrder()
-        self.purged_pages_total = 0
-        self.purge_events = 0
+        if not 0 < low_watermark <= high_watermark <= 1:
+            raise ValueError(
+                f"watermarks must satisfy 0 < low ({low_watermark}) <= high ({high_watermark}) <= 1"
+            )
+        # A write that would take resident data over the high watermark purges
+        # volatile units down to the low one, so writes streaming near the cap
+        # do not purge on every request.
+        self.high_pages = max(int(store.capacity_pages * high_watermark), 1)
+        self.low_pages = min(int(store.capacity_pages * low_watermark), self.high_pages)
+        self.purges = {cause: PurgeCount() for cause in PURGE_CAUSES}
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -387,11 +411,13 @@ class Volume:
         if data is None:
             raise FsError(errno.EINVAL)
         try:
-            written = data.write(off, buf)
+            written = data.write(off, buf, self.high_pages)
         except NoSpaceError as e:
-            if not self.reclaim(e.needed):
-                raise FsError(errno.ENOSPC, f"inode {ino}: {e}") from None
-            written = data.write(off, buf)
+            self.reclaim(e.needed)
+            try:
+                written = data.write(off, buf)
+            except NoSpaceError as e2:
+                raise FsError(errno.ENOSPC, f"inode {ino}: {e2}") from None
         root = inode.vroot
         if root is not None and len(root) and written:
             # Written pages of a purged unit hold data again: it must be purgeable again.
@@ -399,19 +425,32 @@ class Volume:
         inode.touch(mtime=True, ctime=True)
         return written
 
-    def reclaim(self, pages: int) -> bool:
-        """Purge volatile units, least recently marked first, until *pages* pages are free.
+    def reclaim(self, pages: int) -> int:
+        """Make room for a write of *pages* new pages; returns the pages purged.
 
-        Non-volatile data is never touched.  Returns False when no volatile unit
-        is left and there is still not enough room.
+        Purges volatile units, least recently marked first, until the write
+        fits under the cap, then goes on toward the low watermark by at most
+        RECLAIM_EXTRA_PAGES more.  Non-volatile data is never touched.  The
+        caller finds out from the page store whether the write now fits.
         """
         store = self.store
-        while store.free_pages < pages:
+        freed = 0
+        must_free = pages - store.free_pages  # to fit under the hard cap
+        want_free = store.used_pages + pages - self.low_pages
+        want_free = min(want_free, max(must_free, 0) + RECLAIM_EXTRA_PAGES)
+        while freed < max(must_free, want_free):
             unit = self.order.oldest()
             if unit is None:
-                return False
-            self.purge_unit(unit)
-        return True
+                break
+            freed += self.purge_unit(unit, "cap")
+        return freed
+
+    def purge_for_pressure(self, pages: int) -> int:
+        """Purge units, oldest mark first, until *pages* pages are freed or none is left."""
+        freed = 0
+        while freed < pages and (unit := self.order.oldest()) is not None:
+            freed += self.purge_unit(unit, "pressure")
+        return freed
 
     # -- volatile ranges --------------------------------------------------------------
     def _regular(self, ino: int) -> tuple[Inode, FileData]:
@@ -481,26 +520,35 @@ class Volume:
                 out.append((start, stop - start))
         return out
 
-    def purge_unit(self, unit: PurgeUnit) -> int:
+    def purge_unit(self, unit: PurgeUnit, cause: str) -> int:
         """Discard a unit's resident pages; returns how many were freed."""
         inode = self.inode(unit.ino)
         assert inode.data is not None and inode.vroot is not None
         freed = inode.data.purge(unit.start, unit.end)
         inode.vroot.mark_purged(unit)
-        self.purged_pages_total += freed
-        self.purge_events += 1
+        count = self.purges[cause]
+        count.units += 1
+        count.pages += freed
         if freed:
             self.stale_inodes.add(unit.ino)
-        log.debug("purged %r: %d pages", unit, freed)
+        log.debug("purged %r (%s): %d pages", unit, cause, freed)
         return freed
 
     def purge_all(self) -> int:
         """Purge every volatile unit now (like ashmem's PURGE_ALL_CACHES); returns units."""
         count = 0
         while (unit := self.order.oldest()) is not None:
-            self.purge_unit(unit)
+            self.purge_unit(unit, "explicit")
             count += 1
         return count
+
+    @property
+    def purged_pages_total(self) -> int:
+        return sum(c.pages for c in self.purges.values())
+
+    @property
+    def purge_events(self) -> int:
+        return sum(c.units for c in self.purges.values())
 
     def volatile_resident_pages(self) -> int:
         """Resident pages inside units that can still be purged (O(units): for stats)."""

@@ -1,0 +1,135 @@
+"""Purge volatile units when the machine runs short of memory, as ashmem's shrinker did.
+
+The memory cap alone does not help a machine whose other programs need the
+memory.  The watcher polls :class:`MemoryProbe` (MemAvailable, or the daemon's
+cgroup headroom if lower) and, when less than ``min_free`` is available,
+purges units in the usual order (least recently marked first) until
+``min_free`` plus a quarter is available again or nothing volatile is left.
+Freed pages go back to the kernel at once (the page store madvises them), so
+the effect is visible on the next reading.
+
+Where the kernel offers a PSI trigger (/proc/pressure/memory or a cgroup v2
+``memory.pressure``), a stall wakes the watcher before its next poll.  Some
+kernels refuse triggers (EINVAL, as with PSI disabled at boot); then polling
+alone does the job.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from vrangefs.memory import MemoryProbe
+from vrangefs.pagestore import PAGE_SIZE
+from vrangefs.volume import Volume
+
+log = logging.getLogger(__name__)
+
+PSI_TRIGGER = b"some 100000 1000000"  # 100 ms of stall within any 1 s window
+ROUND_PAGES = 65536  # purge at most 256 MiB between two readings
+
+
+@dataclass(frozen=True)
+class PressureConfig:
+    min_free: int  # bytes of available memory below which units are purged
+    interval: float = 0.5  # seconds between readings
+
+
+class PsiTrigger:
+    """A PSI trigger file descriptor, polled for POLLPRI in a worker thread."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLPRI)
+
+    @classmethod
+    def open(cls, paths: list[str]) -> PsiTrigger | None:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.write(fd, PSI_TRIGGER)
+            except OSError as e:
+                os.close(fd)
+                log.info(
+                    "PSI trigger on %s refused (%s): polling only",
+                    path,
+                    errno.errorcode.get(e.errno or 0),
+                )
+                continue
+            return cls(fd, path)
+        return None
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to *timeout* seconds; True if the trigger fired."""
+        return bool(self._poll.poll(int(timeout * 1000)))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+async def watch(
+    volume: Volume,
+    probe: MemoryProbe,
+    config: PressureConfig,
+    after_purge: Callable[[], None],
+) -> None:
+    """Run until cancelled: purge volatile units whenever available memory is short."""
+    paths = []
+    if probe.cgroup is not None and probe.cgroup.pressure is not None:
+        paths.append(str(probe.cgroup.pressure))
+    paths.append("/proc/pressure/memory")
+    trigger = PsiTrigger.open(paths)
+    log.info(
+        "pressure purging on: min free %d bytes of %s, every %.1fs%s",
+        config.min_free,
+        probe.describe(),
+        config.interval,
+        f", PSI trigger on {trigger.path}" if trigger else "",
+    )
+    try:
+        while True:
+            if trigger is not None:
+                await trio.to_thread.run_sync(trigger.wait, config.interval, abandon_on_cancel=True)
+            else:
+                await trio.sleep(config.interval)
+            await relieve(volume, probe, config, after_purge)
+    finally:
+        if trigger is not None:
+            trigger.close()
+
+
+async def relieve(
+    volume: Volume,
+    probe: MemoryProbe,
+    config: PressureConfig,
+    after_purge: Callable[[], None],
+) -> int:
+    """Purge until available memory is back above the threshold; returns pages freed."""
+    total = 0
+    while len(volume.order):
+        available = probe.available()
+        if available >= config.min_free:
+            break
+        wanted = config.min_free + config.min_free // 4 - available
+        pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
+        freed = volume.purge_for_pressure(pages)
+        after_purge()
+        total += freed
+        log.info(
+            "memory pressure: %d bytes available, purged %d bytes", available, freed * PAGE_SIZE
+        )
+        await trio.sleep(0)  # let requests run between rounds
+        if freed == 0:
+            break
+    return total
