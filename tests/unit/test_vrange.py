@@ -1,0 +1,371 @@
+"""Purge units, the per-inode VrangeRoot and the mount-wide PurgeOrder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
+
+
+@pytest.fixture
+def order() -> PurgeOrder:
+    return PurgeOrder()
+
+
+@pytest.fixture
+def root(order: PurgeOrder) -> Iterator[VrangeRoot]:
+    root = VrangeRoot(7, order)
+    yield root
+    root.check_invariants()
+    order.check_invariants()
+
+
+def spans(units: list[PurgeUnit]) -> list[tuple[int, int]]:
+    return [(unit.start, unit.end) for unit in units]
+
+
+def describe(units: list[PurgeUnit]) -> list[tuple[int, int, int, bool]]:
+    return [(unit.start, unit.end, unit.seq, unit.purged) for unit in units]
+
+
+def test_mark_creates_newest_unit(root: VrangeRoot, order: PurgeOrder) -> None:
+    first = root.mark_volatile(0, 4)
+    second = root.mark_volatile(10, 12)
+    assert (first.ino, first.start, first.end, first.purged) == (7, 0, 4, False)
+    assert second.seq > first.seq
+    assert root.units() == [first, second]
+    assert list(order) == [first, second]
+    assert root.volatile_page_count() == 6
+    assert len(root) == 2
+    assert len(first) == 4
+
+
+def test_overlapping_marks_merge_into_the_union(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 4)
+    b = root.mark_volatile(6, 8)
+    c = root.mark_volatile(10, 12)
+    merged = root.mark_volatile(3, 7)
+    assert merged not in (a, b, c)
+    assert spans(root.units()) == [(0, 8), (10, 12)]
+    assert merged.seq > c.seq
+    assert list(order) == [c, merged]
+    assert a not in order
+    assert b not in order
+    assert root.volatile_page_count() == 10
+
+
+def test_mark_spanning_several_units_and_gaps(root: VrangeRoot) -> None:
+    for start in range(0, 20, 4):
+        root.mark_volatile(start, start + 2)
+    merged = root.mark_volatile(1, 17)
+    assert spans(root.units()) == [(0, 18)]
+    assert root.units() == [merged]
+
+
+def test_adjacent_marks_stay_separate(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 4)
+    b = root.mark_volatile(4, 8)
+    c = root.mark_volatile(8, 9)
+    assert root.units() == [a, b, c]
+    assert list(order) == [a, b, c]
+    assert root.units_overlapping(3, 5) == [a, b]
+    assert root.units_overlapping(4, 8) == [b]
+    assert root.unit_at(4) is b
+    assert root.unit_at(3) is a
+    assert root.unit_at(9) is None
+
+
+def test_remark_inside_one_unit_keeps_it_and_makes_it_newest(
+    root: VrangeRoot, order: PurgeOrder
+) -> None:
+    a = root.mark_volatile(0, 10)
+    b = root.mark_volatile(20, 30)
+    again = root.mark_volatile(2, 3)
+    assert again is a
+    assert spans(root.units()) == [(0, 10), (20, 30)]
+    assert a.seq > b.seq
+    assert list(order) == [b, a]
+
+
+def test_merge_with_a_purged_unit_is_not_purged(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 4)
+    root.mark_purged(a)
+    assert a.purged
+    assert len(order) == 0
+    merged = root.mark_volatile(2, 6)
+    assert not merged.purged
+    assert list(order) == [merged]
+    again = root.mark_volatile(0, 1)
+    assert again is merged
+
+
+def test_remark_of_a_purged_unit_requeues_it(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 4)
+    root.mark_purged(a)
+    assert root.mark_volatile(0, 4) is a
+    assert not a.purged
+    assert list(order) == [a]
+
+
+def test_unmark_whole_units(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 4)
+    b = root.mark_volatile(4, 8)
+    c = root.mark_volatile(10, 12)
+    cut = root.mark_nonvolatile(0, 9)
+    assert cut == [a, b]
+    assert root.units() == [c]
+    assert list(order) == [c]
+    assert root.mark_nonvolatile(20, 30) == []
+    assert root.volatile_page_count() == 2
+
+
+def test_split_keeps_seq_flag_and_place(root: VrangeRoot, order: PurgeOrder) -> None:
+    old = root.mark_volatile(0, 10)
+    new = root.mark_volatile(20, 30)
+    cut = root.mark_nonvolatile(4, 6)
+    assert describe(cut) == [(4, 6, old.seq, False)]
+    assert cut[0] is not old
+    left, right, newest = root.units()
+    assert left is old
+    assert (left.start, left.end, right.start, right.end) == (0, 4, 6, 10)
+    assert right.seq == old.seq
+    assert newest is new
+    assert list(order) == [left, right, new]
+    assert order.oldest() is left
+    assert order.pop_oldest() is left
+    assert order.pop_oldest() is right
+    assert order.pop_oldest() is new
+    assert order.pop_oldest() is None
+    root.mark_volatile(0, 1)  # the popped units are back in order via a new mark
+    root.mark_volatile(6, 7)
+    root.mark_volatile(20, 21)
+
+
+def test_trim_from_the_left_keeps_place(root: VrangeRoot, order: PurgeOrder) -> None:
+    old = root.mark_volatile(0, 10)
+    new = root.mark_volatile(10, 20)
+    cut = root.mark_nonvolatile(0, 3)
+    assert describe(cut) == [(0, 3, old.seq, False)]
+    assert root.units() == [old, new]
+    assert (old.start, old.end) == (3, 10)
+    assert list(order) == [old, new]
+
+
+def test_unmark_across_units_trims_both(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 10)
+    b = root.mark_volatile(10, 20)
+    cut = root.mark_nonvolatile(5, 15)
+    assert describe(cut) == [(5, 10, a.seq, False), (10, 15, b.seq, False)]
+    assert root.units() == [a, b]
+    assert spans(root.units()) == [(0, 5), (15, 20)]
+    assert list(order) == [a, b]
+    assert root.volatile_page_count() == 10
+
+
+def test_purged_units_stay_listed_until_unmarked(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 10)
+    b = root.mark_volatile(20, 30)
+    victim = order.oldest()
+    assert victim is a
+    root.mark_purged(a)
+    assert root.units() == [a, b]
+    assert root.is_volatile(5)
+    assert root.volatile_page_count() == 20
+    assert list(order) == [b]
+    cut = root.mark_nonvolatile(4, 6)
+    assert describe(cut) == [(4, 6, a.seq, True)]
+    pieces = root.units()[:2]
+    assert describe(pieces) == [(0, 4, a.seq, True), (6, 10, a.seq, True)]
+    assert list(order) == [b]
+    cut = root.mark_nonvolatile(0, 10)
+    assert describe(cut) == [(0, 4, a.seq, True), (6, 10, a.seq, True)]
+    assert root.units() == [b]
+
+
+def test_requeue_after_write_keeps_old_place(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 10)
+    b = root.mark_volatile(20, 30)
+    root.mark_purged(a)
+    assert root.unpurge(30, 40) == []
+    assert root.unpurge(5, 6) == [a]
+    assert not a.purged
+    assert list(order) == [a, b]
+    assert root.unpurge(5, 6) == []
+    root.mark_purged(b)
+    order.requeue(b)
+    assert list(order) == [a, b]
+    with pytest.raises(ValueError, match="not purged"):
+        order.requeue(b)
+
+
+def test_requeue_of_split_pieces(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 10)
+    b = root.mark_volatile(20, 30)
+    root.mark_purged(a)
+    root.mark_nonvolatile(4, 6)
+    left, right = root.units()[:2]
+    assert root.unpurge(7, 8) == [right]
+    assert list(order) == [right, b]
+    assert root.unpurge(0, 10) == [left]
+    assert list(order) == [left, right, b]
+
+
+def test_truncate(root: VrangeRoot, order: PurgeOrder) -> None:
+    a = root.mark_volatile(0, 4)
+    b = root.mark_volatile(6, 12)
+    c = root.mark_volatile(14, 16)
+    root.mark_purged(c)
+    assert root.truncate(20) == []
+    cut = root.truncate(8)
+    assert describe(cut) == [(8, 12, b.seq, False), (14, 16, c.seq, True)]
+    assert root.units() == [a, b]
+    assert spans(root.units()) == [(0, 4), (6, 8)]
+    assert list(order) == [a, b]
+    assert root.truncate(6) == [b]
+    assert root.truncate(0) == [a]
+    assert len(root) == 0
+    assert len(order) == 0
+    assert root.truncate(0) == []
+
+
+def test_clear(root: VrangeRoot, order: PurgeOrder) -> None:
+    other = VrangeRoot(8, order)
+    a = root.mark_volatile(0, 4)
+    b = root.mark_volatile(6, 8)
+    kept = other.mark_volatile(0, 1)
+    root.mark_purged(b)
+    assert root.clear() == [a, b]
+    assert len(root) == 0
+    assert root.volatile_page_count() == 0
+    assert list(order) == [kept]
+    assert root.unit_at(0) is None
+    root.mark_volatile(0, 2)
+    other.check_invariants()
+
+
+def test_order_is_oldest_first_across_roots(order: PurgeOrder) -> None:
+    one, two = VrangeRoot(1, order), VrangeRoot(2, order)
+    a = one.mark_volatile(0, 1)
+    b = two.mark_volatile(0, 1)
+    c = one.mark_volatile(5, 6)
+    assert list(order) == [a, b, c]
+    victims = []
+    roots = {1: one, 2: two}
+    while (unit := order.oldest()) is not None:
+        roots[unit.ino].mark_purged(unit)
+        victims.append(unit)
+    assert victims == [a, b, c]
+    assert all(unit.purged for unit in victims)
+    one.check_invariants()
+    two.check_invariants()
+
+
+def test_mark_purged_rejects_foreign_units(root: VrangeRoot, order: PurgeOrder) -> None:
+    other = VrangeRoot(8, order)
+    unit = other.mark_volatile(0, 1)
+    with pytest.raises(ValueError, match="is not in"):
+        root.mark_purged(unit)
+    cut = other.mark_nonvolatile(0, 1)
+    with pytest.raises(ValueError, match="is not in"):
+        other.mark_purged(cut[0])
+
+
+@pytest.mark.parametrize(("start", "end"), [(-1, 2), (3, 3), (4, 2)])
+def test_bad_page_ranges(root: VrangeRoot, start: int, end: int) -> None:
+    with pytest.raises(ValueError, match="invalid page range"):
+        root.mark_volatile(start, end)
+    with pytest.raises(ValueError, match="invalid page range"):
+        root.mark_nonvolatile(start, end)
+    with pytest.raises(ValueError, match="invalid page range"):
+        root.units_overlapping(start, end)
+
+
+def test_bad_truncate(root: VrangeRoot) -> None:
+    with pytest.raises(ValueError, match="negative"):
+        root.truncate(-1)
+
+
+def test_order_add_discard(order: PurgeOrder) -> None:
+    unit = PurgeUnit(1, 0, 1, order.next_seq())
+    order.add(unit)
+    with pytest.raises(ValueError, match="already"):
+        order.add(unit)
+    order.discard(unit)
+    order.discard(unit)
+    assert len(order) == 0
+    assert order.oldest() is None
+    unit.purged = True
+    with pytest.raises(ValueError, match="requeue"):
+        order.add(unit)
+
+
+def test_order_compacts_discarded_entries(order: PurgeOrder) -> None:
+    units = [PurgeUnit(1, page, page + 1, order.next_seq()) for page in range(1000)]
+    for unit in units:
+        order.add(unit)
+    for unit in units[1::2]:
+        order.discard(unit)
+    for _ in range(10):  # churn: each unit is discarded and re-added
+        for unit in units[::2]:
+            order.discard(unit)
+            order.add(unit)
+    assert len(order._heap) <= 2 * len(order) + 100
+    assert list(order) == units[::2]
+    order.check_invariants()
+
+
+def test_order_cost_does_not_grow_with_size() -> None:
+    """Choosing a victim takes a few heap steps, at 1,000 as at 100,000 units."""
+    for size in (1000, 100_000):
+        order = PurgeOrder()
+        for page in range(size):
+            order.add(PurgeUnit(1, page, page + 1, order.next_seq()))
+        assert order.pop_oldest() is not None
+        assert len(order._heap) == size - 1
+
+
+def test_seq_increases(order: PurgeOrder) -> None:
+    seqs = [order.next_seq() for _ in range(5)]
+    assert seqs == sorted(set(seqs))
+
+
+def test_repr() -> None:
+    order = PurgeOrder()
+    root = VrangeRoot(3, order)
+    unit = root.mark_volatile(1, 2)
+    root.mark_purged(unit)
+    assert repr(unit) == f"<PurgeUnit ino=3 pages=[1,2) seq={unit.seq} purged>"
+    assert repr(root) == "<VrangeRoot ino=3 units=1 pages=1>"
+
+
+def test_check_invariants_catches_corruption(root: VrangeRoot, order: PurgeOrder) -> None:
+    unit = root.mark_volatile(0, 4)
+    unit.purged = True  # behind the root's back: purged but still in the order
+    with pytest.raises(AssertionError, match="purge order"):
+        root.check_invariants()
+    with pytest.raises(AssertionError, match="purge order"):
+        order.check_invariants()
+    unit.purged = False
+    unit.end = 5
+    with pytest.raises(AssertionError):
+        root.check_invariants()
+    unit.end = 4
+
+
+def test_lock_made_outside_trio_works_across_tasks(root: VrangeRoot) -> None:
+    """The lock may be released by another task than the one that took it."""
+    assert root.lock.value == 1
+    root.lock.acquire_nowait()
+
+    async def use() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.lowlevel.checkpoint)
+            root.lock.release()
+        async with root.lock:
+            assert root.lock.value == 0
+
+    trio.run(use)
+    assert root.lock.value == 1

@@ -1,0 +1,399 @@
+"""Volatile ranges: each inode's ``VrangeRoot`` and the mount-wide ``PurgeOrder``.
+
+Pure bookkeeping in page numbers: no FUSE, no page data. This is the only module that imports
+intervaltree.
+
+A *purge unit* is a run of pages [start, end) of one inode that is purged as a whole. A
+root's ``tree`` holds ``Interval(start, end, unit)`` for each of its units; intervals never
+overlap (two units may be adjacent). The ``PurgeOrder`` lists the units that are not purged,
+least recently marked first; the volume purges from its head when it needs memory.
+
+Concurrency: under trio, code between two ``await``\\ s runs without interruption, and
+everything here is synchronous. A tree operation is therefore atomic and needs no lock, as
+long as the caller does not ``await`` in the middle of a read-modify-write on a root. Each
+root has a ``lock`` for a caller that must ``await`` between reading a root and changing it,
+or between changing it and something that must follow, e.g. purging pages and then
+invalidating the kernel's cache for the inode in a worker thread. It is a
+``trio.Semaphore(1, max_value=1)`` used as a lock because, unlike ``trio.Lock``, it may be
+released by another task than the one that took it (the purge takes it, the invalidator task
+releases it). It is created with the root; constructing it outside a running trio loop is
+fine. Whoever holds it owns the root across those awaits; code that does not await needs no
+lock. A unit's fields are changed only by this module.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+from intervaltree import Interval, IntervalTree
+
+_COMPACT_MIN = 64
+
+
+class PurgeUnit:
+    """A run of pages [start, end) of inode ``ino``, purged as a whole.
+
+    ``seq`` is the mark order (larger = more recently marked; pieces of a split unit share
+    it). ``purged`` is True once the unit's pages were discarded and until a page of it is
+    written again (then the unit is requeued) or it is marked volatile again (merged).
+    Whether each page reads as purged is the page store's business, not this flag's.
+    """
+
+    __slots__ = ("_entry", "end", "ino", "purged", "seq", "start")
+
+    def __init__(self, ino: int, start: int, end: int, seq: int, purged: bool = False) -> None:
+        self.ino = ino
+        self.start = start
+        self.end = end
+        self.seq = seq
+        self.purged = purged
+        self._entry: tuple[int, int, int, PurgeUnit] | None = None  # live PurgeOrder entry
+
+    def __len__(self) -> int:
+        """The number of pages."""
+        return self.end - self.start
+
+    def __repr__(self) -> str:
+        state = " purged" if self.purged else ""
+        return f"<PurgeUnit ino={self.ino} pages=[{self.start},{self.end}) seq={self.seq}{state}>"
+
+
+class PurgeOrder:
+    """The mount-wide order of the units that are not purged, least recently marked first.
+
+    Sorted by (seq, start): pieces of a split unit keep the original ``seq`` and so keep
+    their place, in page order among themselves. A binary heap with lazy deletion: ``add``
+    and popping are O(log n), ``discard`` is O(1), and discarded entries are dropped when
+    they reach the top or when they outnumber the live ones (amortised O(1) per discard).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, int, PurgeUnit]] = []
+        self._live = 0
+        self._seq = itertools.count(1)
+        self._tick = itertools.count()
+
+    def next_seq(self) -> int:
+        """A new mark sequence number, larger than all before."""
+        return next(self._seq)
+
+    def __len__(self) -> int:
+        return self._live
+
+    def __contains__(self, unit: PurgeUnit) -> bool:
+        return unit._entry is not None
+
+    def __iter__(self) -> Iterator[PurgeUnit]:
+        """The units, oldest first (sorts a copy: O(n log n), for tests and debugging)."""
+        return iter([entry[3] for entry in sorted(self._live_entries())])
+
+    def add(self, unit: PurgeUnit) -> None:
+        """Add a unit that is not purged and not in the order, at (unit.seq, unit.start)."""
+        if unit._entry is not None:
+            raise ValueError(f"{unit!r} is already in the purge order")
+        if unit.purged:
+            raise ValueError(f"{unit!r} is purged: use requeue()")
+        entry = (unit.seq, unit.start, next(self._tick), unit)
+        unit._entry = entry
+        heapq.heappush(self._heap, entry)
+        self._live += 1
+
+    def discard(self, unit: PurgeUnit) -> None:
+        """Remove a unit if it is in the order."""
+        if unit._entry is None:
+            return
+        unit._entry = None
+        self._live -= 1
+        dead = len(self._heap) - self._live
+        if dead > _COMPACT_MIN and dead > self._live:
+            self._heap = self._live_entries()
+            heapq.heapify(self._heap)
+
+    def requeue(self, unit: PurgeUnit) -> None:
+        """Put a purged unit back in the order, with its old seq (a page of it was written).
+
+        The unit must still be in its root's tree (``VrangeRoot.unpurge`` checks that).
+        """
+        if not unit.purged:
+            raise ValueError(f"{unit!r} is not purged")
+        unit.purged = False
+        self.add(unit)
+
+    def oldest(self) -> PurgeUnit | None:
+        """The least recently marked unit, or None if there is none."""
+        heap = self._heap
+        while heap and heap[0][3]._entry is not heap[0]:
+            heapq.heappop(heap)
+        return heap[0][3] if heap else None
+
+    def pop_oldest(self) -> PurgeUnit | None:
+        """Remove and return the least recently marked unit (None if there is none).
+
+        Prefer ``oldest()`` followed by ``VrangeRoot.mark_purged()``, which also removes it.
+        """
+        unit = self.oldest()
+        if unit is not None:
+            heapq.heappop(self._heap)
+            unit._entry = None
+            self._live -= 1
+        return unit
+
+    def _live_entries(self) -> list[tuple[int, int, int, PurgeUnit]]:
+        return [entry for entry in self._heap if entry[3]._entry is entry]
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the order's bookkeeping is inconsistent."""
+        live = self._live_entries()
+        _check(len(live) == self._live, f"{len(live)} live entries, counted {self._live}")
+        for seq, start, _, unit in live:
+            _check(not unit.purged, f"purged {unit!r} is in the purge order")
+            _check((seq, start) == (unit.seq, unit.start), f"stale key for {unit!r}")
+        for i in range(1, len(self._heap)):
+            _check(self._heap[(i - 1) // 2] <= self._heap[i], "heap order broken")
+
+
+class VrangeRoot:
+    """The volatile ranges of one inode: an interval tree of purge units, and a lock.
+
+    Page arguments are half-open [start, end) page numbers with 0 <= start < end. Purged
+    units stay in the tree (the file's volatile ranges include them) until they are marked
+    non-volatile, truncated away or cleared.
+
+    Units are indexed by start page as well (``_starts``), and lookups use the tree's own
+    sorted boundary table: that is several times faster than ``IntervalTree.overlap``.
+    """
+
+    __slots__ = ("_pages", "_starts", "ino", "lock", "order", "tree")
+
+    def __init__(self, ino: int, order: PurgeOrder) -> None:
+        self.ino = ino
+        self.order = order
+        self.tree = IntervalTree()
+        self.lock = trio.Semaphore(1, max_value=1)
+        self._starts: dict[int, PurgeUnit] = {}
+        self._pages = 0
+
+    def __len__(self) -> int:
+        """The number of units (purged ones included)."""
+        return len(self._starts)
+
+    def __repr__(self) -> str:
+        return f"<VrangeRoot ino={self.ino} units={len(self)} pages={self._pages}>"
+
+    # Queries
+
+    def units(self) -> list[PurgeUnit]:
+        """All units, sorted by start page."""
+        starts = self._starts
+        return [starts[page] for page in sorted(starts)]
+
+    def units_overlapping(self, start: int, end: int) -> list[PurgeUnit]:
+        """The units sharing at least one page with [start, end), sorted by start page."""
+        _check_pages(start, end)
+        first = self.unit_at(start)
+        found = [] if first is None else [first]
+        starts = self._starts
+        for page in self._bounds().irange(start, end, inclusive=(False, False)):
+            unit = starts.get(page)
+            if unit is not None:
+                found.append(unit)
+        return found
+
+    def unit_at(self, page: int) -> PurgeUnit | None:
+        """The unit holding ``page``, or None."""
+        # A unit holding `page` begins at the last boundary <= page: no boundary lies inside
+        # a unit, since units are disjoint.
+        for start in self._bounds().irange(maximum=page, reverse=True):
+            unit = self._starts.get(start)
+            return unit if unit is not None and unit.end > page else None
+        return None
+
+    def is_volatile(self, page: int) -> bool:
+        """Whether ``page`` is in a unit (purged or not)."""
+        return self.unit_at(page) is not None
+
+    def volatile_page_count(self) -> int:
+        """The number of pages in units (purged ones included)."""
+        return self._pages
+
+    # Changes
+
+    def mark_volatile(self, start: int, end: int) -> PurgeUnit:
+        """Make pages [start, end) volatile and return their unit, now the newest.
+
+        Every unit overlapping the range is merged with it into one unit spanning the union;
+        merely adjacent units stay separate. The merged unit is not purged (it is in the
+        purge order), whatever the merged units were. The merged units leave the tree and the
+        order, except that when the range lies inside one existing unit that unit object is
+        kept and just gets the new seq.
+        """
+        found = self.units_overlapping(start, end)
+        seq = self.order.next_seq()
+        if len(found) == 1 and found[0].start <= start and end <= found[0].end:
+            unit = found[0]
+            self.order.discard(unit)
+            unit.seq = seq
+            unit.purged = False
+            self.order.add(unit)
+            return unit
+        if found:
+            start = min(start, found[0].start)
+            end = max(end, found[-1].end)
+        for old in found:
+            self._remove(old)
+            self.order.discard(old)
+        unit = PurgeUnit(self.ino, start, end, seq)
+        self._insert(unit)
+        self.order.add(unit)
+        return unit
+
+    def mark_nonvolatile(self, start: int, end: int) -> list[PurgeUnit]:
+        """Make pages [start, end) non-volatile; return what was cut out, sorted by start.
+
+        Units wholly inside the range leave the tree and the order. A unit partly inside is
+        trimmed or split: the pieces that remain keep its seq, purged flag and place in the
+        purge order (the left piece, or the only piece, is the original unit object).
+
+        The result describes exactly the pages that stopped being volatile: a unit removed
+        whole is returned itself; for a unit trimmed or split, a new unit (same ino, seq and
+        purged flag) covering the pages cut from it. Returned units are in no tree and no
+        order.
+        """
+        _check_pages(start, end)
+        return self._cut(start, end)
+
+    def truncate(self, page_count: int) -> list[PurgeUnit]:
+        """Drop every volatile page >= page_count; return what was cut out, as above."""
+        if page_count < 0:
+            raise ValueError(f"negative page count {page_count}")
+        if not self._starts:
+            return []
+        last = self._bounds().keys()[-1]
+        return self._cut(page_count, last) if page_count < last else []
+
+    def clear(self) -> list[PurgeUnit]:
+        """Remove every unit (the inode is freed); return them, sorted by start."""
+        removed = self.units()
+        for unit in removed:
+            self.order.discard(unit)
+        self.tree.clear()
+        self._starts.clear()
+        self._pages = 0
+        return removed
+
+    def mark_purged(self, unit: PurgeUnit) -> None:
+        """Record that ``unit`` (in this root) was purged: it leaves the purge order.
+
+        It stays in the tree, listed as volatile, until marked non-volatile. Freeing the
+        pages is the caller's job.
+        """
+        self._check_mine(unit)
+        unit.purged = True
+        self.order.discard(unit)
+
+    def unpurge(self, start: int, end: int) -> list[PurgeUnit]:
+        """Requeue the purged units overlapping pages [start, end), which were written.
+
+        Each keeps its old seq (and so its old place in the purge order). Returns them.
+        """
+        found = [unit for unit in self.units_overlapping(start, end) if unit.purged]
+        for unit in found:
+            self.order.requeue(unit)
+        return found
+
+    # Internals
+
+    def _bounds(self) -> Any:
+        """The tree's boundary table: a SortedDict whose keys are all units' start and end
+        pages (an intervaltree attribute that its own queries use)."""
+        return self.tree.boundary_table
+
+    def _check_mine(self, unit: PurgeUnit) -> None:
+        if self._starts.get(unit.start) is not unit:
+            raise ValueError(f"{unit!r} is not in {self!r}")
+
+    def _insert(self, unit: PurgeUnit) -> None:
+        self.tree.add(Interval(unit.start, unit.end, unit))
+        self._starts[unit.start] = unit
+        self._pages += unit.end - unit.start
+
+    def _remove(self, unit: PurgeUnit) -> None:
+        self.tree.remove(Interval(unit.start, unit.end, unit))
+        del self._starts[unit.start]
+        self._pages -= unit.end - unit.start
+
+    def _cut(self, start: int, end: int) -> list[PurgeUnit]:
+        cut_out = []
+        for unit in self.units_overlapping(start, end):
+            self._remove(unit)
+            keep_left = unit.start < start
+            keep_right = unit.end > end
+            if not keep_left and not keep_right:
+                self.order.discard(unit)
+                cut_out.append(unit)
+                continue
+            cut_start, cut_end = max(unit.start, start), min(unit.end, end)
+            cut_out.append(PurgeUnit(unit.ino, cut_start, cut_end, unit.seq, unit.purged))
+            if keep_left:
+                right_end = unit.end
+                unit.end = start
+                self._insert(unit)
+                if keep_right:
+                    piece = PurgeUnit(unit.ino, end, right_end, unit.seq, unit.purged)
+                    self._insert(piece)
+                    if not piece.purged:
+                        self.order.add(piece)
+            else:
+                queued = unit in self.order
+                self.order.discard(unit)  # its key (seq, start) changes
+                unit.start = end
+                self._insert(unit)
+                if queued:
+                    self.order.add(unit)
+        return cut_out
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless tree, index, page count and order agree.
+
+        Checks that intervals are disjoint, each holds a unit of this inode with matching
+        start/end, the start index and page count match the tree, units that are not purged
+        are in the order exactly once and purged ones are not in it.
+        """
+        intervals = sorted(self.tree, key=lambda iv: iv.begin)
+        in_order = Counter(id(entry) for entry in self.order._heap)
+        _check(len(intervals) == len(self._starts), "tree and start index differ in size")
+        previous_end = None
+        pages = 0
+        for iv in intervals:
+            unit = iv.data
+            _check(isinstance(unit, PurgeUnit), f"{iv!r} holds no PurgeUnit")
+            _check((unit.start, unit.end) == (iv.begin, iv.end), f"{iv!r} vs {unit!r}")
+            _check(unit.ino == self.ino, f"{unit!r} in the tree of inode {self.ino}")
+            _check(iv.begin < iv.end, f"empty {unit!r}")
+            _check(self._starts.get(unit.start) is unit, f"{unit!r} missing from the index")
+            _check(previous_end is None or previous_end <= iv.begin, f"{unit!r} overlaps")
+            previous_end = iv.end
+            pages += iv.end - iv.begin
+            if unit.purged:
+                _check(unit._entry is None, f"purged {unit!r} is in the purge order")
+            else:
+                entry = unit._entry
+                _check(entry is not None, f"{unit!r} is missing from the purge order")
+                count = in_order[id(entry)]
+                _check(count == 1, f"{unit!r} is {count} times in the purge order")
+        _check(pages == self._pages, f"counted {self._pages} pages, tree holds {pages}")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _check_pages(start: int, end: int) -> None:
+    if not 0 <= start < end:
+        raise ValueError(f"invalid page range [{start}, {end})")
