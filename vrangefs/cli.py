@@ -411,6 +411,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
+    if args.prometheus:
+        sys.stdout.write(prometheus_text(stats, os.path.abspath(args.mountpoint)))
+        return 0
     width = max(len(k) for k in stats)
     for key, value in stats.items():
         shown = str(value)
@@ -420,6 +423,59 @@ def cmd_stats(args: argparse.Namespace) -> int:
             shown = f"{value} ({_size(value)})"
         print(f"{key:<{width}}  {shown}")
     return 0
+
+
+_CAUSES = ("cap", "pressure", "explicit")
+_RENAMED = {"memory_cap": "memory_cap_bytes"}
+
+
+def prometheus_text(stats: dict[str, int | str], mountpoint: str) -> str:
+    """The statistics in Prometheus text exposition format, labelled by mount point.
+
+    Purges are counters labelled by cause; everything else is a gauge. For
+    node_exporter's textfile collector, e.g. from a timer:
+    ``vrangefs stats --prometheus /mnt/cache > /var/lib/node_exporter/vrangefs.prom``.
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
+
+    class StatsCollector(Collector):
+        def collect(self) -> list[Metric]:
+            metrics: list[Metric] = []
+            for prefix, what in (
+                ("purged_bytes", "bytes purged"),
+                ("purge_events", "units purged"),
+            ):
+                counter = CounterMetricFamily(
+                    f"vrangefs_{prefix}",
+                    f"{what} since mount, by cause",
+                    labels=["mountpoint", "cause"],
+                )
+                for cause in _CAUSES:
+                    value = stats.get(f"{prefix}_{cause}")
+                    if isinstance(value, int):
+                        counter.add_metric([mountpoint, cause], value)
+                metrics.append(counter)
+            for key, value in stats.items():
+                if (
+                    not isinstance(value, int)
+                    or key == "pid"
+                    or key.startswith(("purged_bytes", "purge_events"))
+                ):
+                    continue
+                gauge = GaugeMetricFamily(
+                    f"vrangefs_{_RENAMED.get(key, key)}",
+                    f"vrangefs statistic {key}",
+                    labels=["mountpoint"],
+                )
+                gauge.add_metric([mountpoint], value)
+                metrics.append(gauge)
+            return metrics
+
+    registry = CollectorRegistry()
+    registry.register(StatsCollector())
+    return generate_latest(registry).decode()
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -523,7 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="show a mount's statistics")
     p.add_argument("mountpoint")
-    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON for machines")
+    fmt.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print Prometheus text format (for node_exporter's textfile collector)",
+    )
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("purge", help="purge every volatile page of a mount now")
