@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -186,7 +186,7 @@ class Mount:
     daemon: Daemon
     log: Path | None
     check_log: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
+    expect_status: int = 0
 
     @property
     def pid(self) -> int | None:
@@ -263,7 +263,8 @@ class Mounter:
         path = path or self.mountpoint()
         log = self.log_path()
         cmd = [*VRANGEFS, "mount", str(path), "--foreground", "--log-file", str(log), *args]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.log_dir / f"stderr{self._count}.txt", "wb") as stderr:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=stderr)
         mount = Mount(path, Daemon(proc.pid, popen=proc), log)
         self.mounts.append(mount)
 
@@ -275,27 +276,42 @@ class Mounter:
         wait_until(lambda: os.path.ismount(path), MOUNT_TIMEOUT, f"{path} answers")
         return mount
 
-    def unmount(self, mount: Mount) -> None:
-        """Unmount (if still mounted) and wait for the daemon to exit; records its status."""
-        path = mount.path
-        if is_mounted(path):
-            proc = subprocess.Popen(
-                [*VRANGEFS, "umount", str(path)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                # Reap the daemon while umount waits for it to exit: as its
-                # subreaper we would otherwise leave it a zombie that looks alive.
-                def umount_done() -> bool:
-                    mount.daemon.poll()
-                    return proc.poll() is not None
+    def run_reaping(self, args: Sequence[str], mount: Mount) -> subprocess.CompletedProcess[str]:
+        """Run a command (e.g. an unmount) while reaping *mount*'s daemon if it exits.
 
-                wait_until(umount_done, MOUNT_TIMEOUT, f"vrangefs umount {path}")
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+        As the daemon's subreaper we must reap it while a command such as
+        ``vrangefs umount`` waits for it to exit: unreaped, it is a zombie
+        that still looks alive to ``kill(pid, 0)``.
+        """
+        proc = subprocess.Popen(
+            list(args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+
+            def done() -> bool:
+                mount.daemon.poll()
+                return proc.poll() is not None
+
+            wait_until(done, MOUNT_TIMEOUT, f"{' '.join(args)} finishes")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(list(args), proc.returncode, out, err)
+
+    def unmount(self, mount: Mount) -> subprocess.CompletedProcess[str] | None:
+        """Unmount (if still mounted) and wait for the daemon to exit; records its status.
+
+        Returns how ``vrangefs umount`` ended, or None if nothing was mounted.
+        """
+        path = mount.path
+        result = None
+        if is_mounted(path):
+            result = self.run_reaping([*VRANGEFS, "umount", str(path)], mount)
         if is_mounted(path):
             subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
         try:
@@ -306,12 +322,13 @@ class Mounter:
                     os.kill(mount.pid, signal.SIGKILL)
                 wait_until(mount.daemon.poll, EXIT_TIMEOUT, f"daemon {mount.pid} dies")
             raise
+        return result
 
     def problems(self, mount: Mount) -> list[str]:
         out = []
         if is_mounted(mount.path):
             out.append(f"{mount.path} is still mounted")
-        if mount.daemon.returncode not in (0, None):
+        if mount.daemon.returncode not in (mount.expect_status, None):
             out.append(f"daemon of {mount.path} exited with status {mount.daemon.returncode}")
         if mount.check_log and mount.log is not None and mount.log.exists():
             text = mount.log.read_text(errors="replace")
