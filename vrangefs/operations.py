@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import math
 import os
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -22,8 +23,9 @@ import trio
 from vrangefs import control
 from vrangefs.errors import FsError
 from vrangefs.inodes import Inode
-from vrangefs.protocol import NONVOLATILE_B, PURGED_B
+from vrangefs.protocol import NONVOLATILE_B, PURGED_B, STATS_B, format_stats
 from vrangefs.volume import AttrChange, Caller, Volume
+from vrangefs.vrange import PurgeLock
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +76,11 @@ class Operations(pyfuse3.Operations):
     def __init__(self, volume: Volume) -> None:
         super().__init__()
         self.volume = volume
-        self._invalidate_send: trio.MemorySendChannel[tuple[int, trio.Semaphore | None]] | None
-        self._invalidate_send = None
+        self._invalidate_queue: deque[tuple[int, PurgeLock | None]] = deque()
+        self._invalidate_wakeup: trio.Event | None = None
         self._reinvalidate: set[int] = set()
+        self.invalidations = 0
+        self.invalidation_max_s = 0.0
 
     # -- helpers ----------------------------------------------------------------
     def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -103,50 +107,49 @@ class Operations(pyfuse3.Operations):
 
         Called right after any volume call that may purge, with no await in
         between, so each purged inode's ``vrange_root`` lock is taken in the
-        same atomic step as the purge.  The invalidator releases it once the
-        kernel has dropped the inode's cached pages; requests that must not race
-        a purge (marking non-volatile, reading ``user.vrange.purged``) take the
-        lock first.  Write handlers never wait for the invalidation: the kernel
-        holds the pages of an in-flight write locked, so waiting on our own (or
-        another writer's) inode could deadlock.
+        same atomic step as the purge.  The invalidator task releases it once
+        the kernel has dropped the inode's cached pages; requests that must not
+        race a purge (marking non-volatile, reading ``user.vrange.purged``)
+        wait for that first.  Write handlers never wait for an invalidation:
+        the kernel keeps the pages of an in-flight write locked, so waiting on
+        our own (or another writer's) inode could deadlock.
         """
-        stale = self.volume.take_stale()
-        for ino in stale:
+        for ino in self.volume.take_stale():
             root = self.volume.vroot_of(ino)
-            lock = root.lock if root is not None else None
-            if lock is not None and lock.value == 0:
-                self._reinvalidate.add(ino)  # invalidation under way: its holder repeats it
+            if root is not None and root.lock.locked():
+                self._reinvalidate.add(ino)  # under way: the invalidator repeats it
                 continue
-            if lock is not None:
-                lock.acquire_nowait()
-            if self._invalidate_send is None:  # not serving (tests of the adapter alone)
-                if lock is not None:
-                    lock.release()
-                continue
-            self._invalidate_send.send_nowait((ino, lock))
+            if root is not None:
+                root.lock.acquire_nowait()
+            self._invalidate_queue.append((ino, root.lock if root is not None else None))
+        if self._invalidate_queue and self._invalidate_wakeup is not None:
+            self._invalidate_wakeup.set()
 
     async def settled(self, ino: int) -> None:
         """Wait until no purge of *ino* is still visible in the kernel's cache."""
         root = self.volume.vroot_of(ino)
-        if root is not None and root.lock.value == 0:
-            async with root.lock:
-                pass
+        if root is not None:
+            await root.lock.wait_released()
 
     async def run_invalidator(self) -> None:
         """Serve invalidation requests until cancelled (a task of the daemon's nursery)."""
-        send, receive = trio.open_memory_channel[tuple[int, trio.Semaphore | None]](math.inf)
-        self._invalidate_send = send
-        async with receive:
-            async for ino, lock in receive:
-                try:
-                    while True:
-                        self._reinvalidate.discard(ino)
-                        await trio.to_thread.run_sync(_invalidate_inode, ino)
-                        if ino not in self._reinvalidate:
-                            break
-                finally:
-                    if lock is not None:
-                        lock.release()
+        while True:
+            self._invalidate_wakeup = trio.Event()
+            if not self._invalidate_queue:
+                await self._invalidate_wakeup.wait()
+            ino, lock = self._invalidate_queue.popleft()
+            started = time.monotonic()
+            try:
+                while True:
+                    self._reinvalidate.discard(ino)
+                    await trio.to_thread.run_sync(_invalidate_inode, ino)
+                    if ino not in self._reinvalidate:
+                        break
+            finally:
+                if lock is not None:
+                    lock.release()
+            self.invalidations += 1
+            self.invalidation_max_s = max(self.invalidation_max_s, time.monotonic() - started)
 
     # -- lookups and attributes ---------------------------------------------------
     @_handler
@@ -262,7 +265,7 @@ class Operations(pyfuse3.Operations):
     async def open(
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
-        self.volume.open(inode)
+        self.volume.open(inode, flags)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_handler
@@ -331,7 +334,16 @@ class Operations(pyfuse3.Operations):
         if control.is_control(name):
             if name == PURGED_B:
                 await self.settled(inode)
-            return control.getxattr(self.volume, inode, name)
+            value = control.getxattr(self.volume, inode, name)
+            if name == STATS_B:  # what only the adapter knows: the kernel-cache side
+                value += format_stats(
+                    {
+                        "invalidations": self.invalidations,
+                        "invalidation_max_us": int(self.invalidation_max_s * 1e6),
+                        "invalidations_pending": len(self._invalidate_queue),
+                    }
+                )
+            return value
         return self.volume.getxattr(inode, name)
 
     @_handler

@@ -376,10 +376,15 @@ class Volume:
             inode.vroot.truncate(pages_spanned(size))
 
     # -- data -----------------------------------------------------------------
-    def open(self, ino: int) -> Inode:
+    def open(self, ino: int, flags: int = 0) -> Inode:
+        """Count one more open file; O_TRUNC truncates here (libfuse asks for atomic_o_trunc)."""
         inode = self.inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
+        if flags & os.O_TRUNC and inode.data is not None and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            if inode.data.size:
+                self.truncate(inode, 0)
+            inode.touch(mtime=True, ctime=True)
         inode.opens += 1
         return inode
 
@@ -586,6 +591,10 @@ class Volume:
         inode = self.inode(ino)
         xattrs = inode.xattrs
         if xattrs is None or name not in xattrs:
+            # Checked only on a miss: the kernel asks for security.capability on
+            # every write, and that answer must stay cheap.
+            if not name.startswith(XATTR_NAMESPACES):
+                raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} not supported")
             raise FsError(errno.ENODATA)
         return xattrs[name]
 
@@ -606,6 +615,8 @@ class Volume:
 
     def removexattr(self, ino: int, name: bytes) -> None:
         inode = self.inode(ino)
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} not supported")
         if not inode.xattrs or name not in inode.xattrs:
             raise FsError(errno.ENODATA)
         del inode.xattrs[name]

@@ -9,16 +9,17 @@ overlap (two units may be adjacent). The ``PurgeOrder`` lists the units that are
 least recently marked first; the volume purges from its head when it needs memory.
 
 Concurrency: under trio, code between two ``await``\\ s runs without interruption, and
-everything here is synchronous. A tree operation is therefore atomic and needs no lock, as
-long as the caller does not ``await`` in the middle of a read-modify-write on a root. Each
-root has a ``lock`` for a caller that must ``await`` between reading a root and changing it,
-or between changing it and something that must follow, e.g. purging pages and then
-invalidating the kernel's cache for the inode in a worker thread. It is a
-``trio.Semaphore(1, max_value=1)`` used as a lock because, unlike ``trio.Lock``, it may be
-released by another task than the one that took it (the purge takes it, the invalidator task
-releases it). It is created with the root; constructing it outside a running trio loop is
-fine. Whoever holds it owns the root across those awaits; code that does not await needs no
-lock. A unit's fields are changed only by this module.
+everything here is synchronous, as is every Volume method that reads or changes a root. So in
+this daemon no await ever falls between reading a root and changing it: marking, unmarking,
+truncating and purging are each atomic, and need no lock.
+
+The one await that follows a change is the kernel-cache invalidation after a purge: until
+``invalidate_inode`` has run (in a worker thread, because it may block), the kernel may still
+hold the purged pages. Each root's ``lock`` (a :class:`PurgeLock`) covers exactly that window.
+The code that purges takes it in the same atomic step as the purge, the task that invalidates
+releases it, and requests whose answer must not race a purge (marking non-volatile, reading
+``user.vrange.purged``) wait until it is released before they read the root. A unit's fields
+are changed only by this module.
 """
 
 from __future__ import annotations
@@ -33,6 +34,41 @@ import trio
 from intervaltree import Interval, IntervalTree
 
 _COMPACT_MIN = 64
+
+
+class PurgeLock:
+    """A root's lock: held while a purge of the root is not yet finished in the kernel.
+
+    Unlike ``trio.Lock`` it may be released by another task than the one that took it (the
+    purge takes it, the invalidator releases it), and waiting for it does not take it, so a
+    waiter never holds it. It costs one slot until first used; its Event is made on acquire.
+    """
+
+    __slots__ = ("_released",)
+
+    def __init__(self) -> None:
+        self._released: trio.Event | None = None
+
+    def locked(self) -> bool:
+        return self._released is not None
+
+    def acquire_nowait(self) -> None:
+        """Take the lock; raises trio.WouldBlock if it is held (call inside trio)."""
+        if self._released is not None:
+            raise trio.WouldBlock
+        self._released = trio.Event()
+
+    def release(self) -> None:
+        released = self._released
+        if released is None:
+            raise RuntimeError("PurgeLock released while not held")
+        self._released = None
+        released.set()
+
+    async def wait_released(self) -> None:
+        """Wait until the lock is free (returns at once if it is)."""
+        while (released := self._released) is not None:
+            await released.wait()
 
 
 class PurgeUnit:
@@ -174,7 +210,7 @@ class VrangeRoot:
         self.ino = ino
         self.order = order
         self.tree = IntervalTree()
-        self.lock = trio.Semaphore(1, max_value=1)
+        self.lock = PurgeLock()
         self._starts: dict[int, PurgeUnit] = {}
         self._pages = 0
 

@@ -355,17 +355,33 @@ def test_check_invariants_catches_corruption(root: VrangeRoot, order: PurgeOrder
     unit.end = 4
 
 
-def test_lock_made_outside_trio_works_across_tasks(root: VrangeRoot) -> None:
-    """The lock may be released by another task than the one that took it."""
-    assert root.lock.value == 1
-    root.lock.acquire_nowait()
+def test_lock_is_released_by_another_task_and_waiters_do_not_take_it(root: VrangeRoot) -> None:
+    """The purging task takes the lock, the invalidator releases it; waiters only wait."""
+    events: list[str] = []
 
     async def use() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.lowlevel.checkpoint)
+        assert not root.lock.locked()
+        await root.lock.wait_released()  # free: returns at once
+        root.lock.acquire_nowait()
+        with pytest.raises(trio.WouldBlock):
+            root.lock.acquire_nowait()
+
+        async def waiter() -> None:
+            await root.lock.wait_released()
+            events.append("waiter")
+
+        async def invalidator() -> None:
+            await trio.lowlevel.checkpoint()
+            events.append("invalidated")
             root.lock.release()
-        async with root.lock:
-            assert root.lock.value == 0
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            nursery.start_soon(waiter)
+            nursery.start_soon(invalidator)
+        assert not root.lock.locked()
 
     trio.run(use)
-    assert root.lock.value == 1
+    assert events == ["invalidated", "waiter", "waiter"]
+    with pytest.raises(RuntimeError):
+        root.lock.release()
