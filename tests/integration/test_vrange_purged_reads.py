@@ -14,19 +14,20 @@ import mmap
 import os
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Mount, Mounter, errno_of
+from tests.integration.conftest import Mount, errno_of
 from tests.integration.vrange_helpers import (
     PAGE,
     child_signal,
     in_child,
     mark,
+    module_mount,
+    new_dir,
     pattern,
     purge_all,
     purged,
@@ -71,11 +72,7 @@ def mmap_read(path: Path, offset: int, length: int, flags: int = mmap.MAP_SHARED
 @pytest.fixture(scope="module")
 def eio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     """A default mount (purged pages read as EIO) shared by this module's tests."""
-    mounter = Mounter(tmp_path_factory.mktemp("logs"))
-    try:
-        yield mounter.mount("64M")
-    finally:
-        mounter.close()
+    yield from module_mount(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=["--purged-reads", "-o"])
@@ -83,19 +80,15 @@ def zeros(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Mount]:
     """A purged_reads=zeros mount, made with either spelling of the option."""
-    mounter = Mounter(tmp_path_factory.mktemp("logs"))
-    try:
-        if request.param == "-o":
-            yield mounter.mount("64M", options=["purged_reads=zeros"])
-        else:
-            yield mounter.mount("64M", args=["--purged-reads", "zeros"])
-    finally:
-        mounter.close()
+    if request.param == "-o":
+        yield from module_mount(tmp_path_factory, options=["purged_reads=zeros"])
+    else:
+        yield from module_mount(tmp_path_factory, args=["--purged-reads", "zeros"])
 
 
 def new_file(mount: Mount) -> Path:
     """A path for a new file, in a directory of its own (the mounts are shared)."""
-    return Path(tempfile.mkdtemp(dir=mount.path)) / "f"
+    return new_dir(mount) / "f"
 
 
 # -- default: EIO ------------------------------------------------------------------------------

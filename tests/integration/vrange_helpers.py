@@ -12,9 +12,14 @@ import faulthandler
 import json
 import os
 import signal
+import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Mount, Mounter
 
 PAGE = 4096
 VOLATILE = "user.vrange.volatile"
@@ -95,6 +100,26 @@ def pattern(pages: int, seed: int = 0, tail: int = 0) -> bytes:
         stamp = f"[seed {seed} page {page}]".encode()
         out += (stamp * (PAGE // len(stamp) + 1))[:PAGE]
     return bytes(out) + b"T" * tail
+
+
+# -- mounts -------------------------------------------------------------------------------
+def module_mount(
+    factory: pytest.TempPathFactory,
+    cap: str = "64M",
+    options: Sequence[str] = (),
+    args: Sequence[str] = (),
+) -> Iterator[Mount]:
+    """The body of a module-scoped mount fixture: one mount, unmounted (and checked) after."""
+    mounter = Mounter(factory.mktemp("logs"))
+    try:
+        yield mounter.mount(cap, options=options, args=args)
+    finally:
+        mounter.close()
+
+
+def new_dir(mount: Mount) -> Path:
+    """A new directory of its own on a mount that several tests share."""
+    return Path(tempfile.mkdtemp(dir=mount.path))
 
 
 # -- child processes --------------------------------------------------------------------
