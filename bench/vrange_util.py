@@ -1,0 +1,288 @@
+"""Helpers shared by bench_vrange.py and bench_evict.py (volatile-range benchmarks).
+
+Mounting and unmounting reuse bench_fs.py's ``Vrangefs`` and ``Ceiling`` classes; this module
+adds what those two benchmarks need on top: extra ``vrangefs mount`` options, timed loops in a
+child process (so a hung mount ends in a timeout and never blocks the benchmark, which must
+unmount), statistics through ``os.getxattr``, a check that the machine is quiet, and a plain
+table printer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench_fs import (
+    BenchError,
+    Ceiling,
+    Target,
+    Vrangefs,
+    cleanup_workdir,
+    environment,
+    fmt,
+    force_unmount,
+    no_interrupts,
+    parse_size,
+    rss_bytes,
+    vrangefs_command,
+)
+
+PAGE = 4096
+STATS = "user.vrange.stats"
+VOLATILE = "user.vrange.volatile"
+NONVOLATILE = "user.vrange.nonvolatile"
+PURGE = "user.vrange.purge"
+
+__all__ = [
+    "NONVOLATILE",
+    "PAGE",
+    "PURGE",
+    "STATS",
+    "VOLATILE",
+    "BenchError",
+    "Session",
+    "busy",
+    "config_of",
+    "fmt",
+    "in_child",
+    "median",
+    "parse_size",
+    "preflight",
+    "print_table",
+    "rss_bytes",
+    "run_session",
+    "setxattr_loop",
+    "stats",
+    "write_json",
+]
+
+
+class _VrangefsWith(Vrangefs):
+    """bench_fs.Vrangefs, with extra options appended to ``vrangefs mount``."""
+
+    def __init__(self, mountpoint: Path, command: list[str], cap: str, extra: list[str]) -> None:
+        self.extra = extra
+        super().__init__(mountpoint, command, cap)
+
+    def _cli(self, argv: list[str], what: str) -> None:
+        if what == "vrangefs mount":
+            argv = [*argv, *self.extra]
+        super()._cli(argv, what)
+
+
+@contextlib.contextmanager
+def _unmounting(target: Target) -> Iterator[None]:
+    """Unmount *target* when the block ends, however it ends, without being interrupted."""
+    try:
+        yield
+    finally:
+        with no_interrupts():
+            try:
+                target.unmount()
+            finally:
+                force_unmount(target.mountpoint)
+
+
+class Session:
+    """A temporary directory of mount points; everything is unmounted on close."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="vrangefs-bench-"))
+        self._count = 0
+
+    def _mountpoint(self, name: str) -> Path:
+        self._count += 1
+        path = self.workdir / f"{name}{self._count}"
+        path.mkdir()
+        return path
+
+    @contextlib.contextmanager
+    def vrangefs(self, cap: str, *extra: str) -> Iterator[tuple[Path, int]]:
+        """Mount vrangefs with ``--memory-cap cap`` and *extra* options; yield (path, pid)."""
+        command = vrangefs_command()
+        if command is None:
+            raise BenchError("vrangefs/cli.py does not exist")
+        path = self._mountpoint("vrangefs")
+        try:
+            target = _VrangefsWith(path, command, cap, list(extra))
+        except BaseException:
+            force_unmount(path)
+            raise
+        with _unmounting(target):
+            if target.pid is None:
+                raise BenchError("cannot find the vrangefs daemon's pid")
+            yield path, target.pid
+
+    @contextlib.contextmanager
+    def ceiling(self) -> Iterator[Path]:
+        """Mount bench/ceiling.py (page-cache mode); yield its mount point."""
+        path = self._mountpoint("ceiling")
+        target = Ceiling(path, False, self.workdir / f"{path.name}.log")
+        with _unmounting(target):
+            yield path
+
+    def close(self) -> None:
+        with no_interrupts():
+            cleanup_workdir(self.workdir)
+
+
+def stats(mountpoint: Path) -> dict[str, int]:
+    """The integer lines of ``user.vrange.stats``."""
+    out: dict[str, int] = {}
+    for line in os.getxattr(mountpoint, STATS).decode().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and value.strip().lstrip("-").isdigit():
+            out[key.strip()] = int(value)
+    return out
+
+
+def setxattr_loop(path: str, calls: list[tuple[str, bytes]]) -> float:
+    """Make each ``os.setxattr(fd, name, value)`` call on *path*; return seconds."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        start = time.perf_counter()
+        for name, value in calls:
+            os.setxattr(fd, name, value)
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+
+
+def _child_main(
+    conn: multiprocessing.connection.Connection, fn: Callable[..., Any], args: tuple[Any, ...]
+) -> None:
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as exc:  # reported to the parent, whatever it is
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> Any:
+    """Run ``fn(*args)`` in a forked child and return its (picklable) result.
+
+    A child blocked in a FUSE request still dies to SIGKILL, so a hung filesystem ends in a
+    BenchError after *timeout* seconds instead of blocking the benchmark (which must unmount).
+    """
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(child, fn, args), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(timeout):
+            raise BenchError(f"{what}: timed out after {timeout:.0f} s")
+        status, value = parent.recv()
+    except EOFError as exc:
+        raise BenchError(f"{what}: child died (exit status {proc.exitcode})") from exc
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+        parent.close()
+    if status != "ok":
+        raise BenchError(f"{what}: {value}")
+    return value
+
+
+def busy() -> list[str]:
+    """Other heavy processes (test runs, benchmarks) now: `pgrep -af "pytest|bench_"`."""
+    proc = subprocess.run(
+        ["pgrep", "-af", "pytest|bench_"], capture_output=True, text=True, check=False
+    )
+    mine = {os.getpid(), os.getppid()}
+    return [
+        line
+        for line in proc.stdout.splitlines()
+        if line.split()[0].isdigit() and int(line.split()[0]) not in mine and "pgrep" not in line
+    ]
+
+
+def wait_quiet(deadline_s: float) -> list[str]:
+    """Wait up to *deadline_s* seconds for busy() to be empty; return what still runs."""
+    end = time.monotonic() + deadline_s
+    others = busy()
+    while others and time.monotonic() < end:
+        time.sleep(5)
+        others = busy()
+    return others
+
+
+def preflight(script: str) -> list[str] | None:
+    """None (after saying why) unless root; else the heavy processes running now, if any."""
+    if os.geteuid() != 0:
+        print(f"{script} must run as root (it mounts)", file=sys.stderr)
+        return None
+    load = busy()
+    if load:
+        print("WARNING: other heavy processes run; numbers are taken under load:", flush=True)
+        print("\n".join(f"  {line}" for line in load), flush=True)
+    return load
+
+
+def run_session(script: str, body: Callable[[Session], None]) -> dict[str, Any] | None:
+    """Run ``body(session)`` and unmount everything after, however it ends.
+
+    Returns None (after saying why) unless root; else ``error`` (None, or why the body
+    stopped early: what it measured so far is kept by the body), ``load_before`` and
+    ``load_after`` (other heavy processes, see :func:`busy`).
+    """
+    load_before = preflight(script)
+    if load_before is None:
+        return None
+    session = Session()
+    error = None
+    try:
+        body(session)
+    except (BenchError, KeyboardInterrupt) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"FAILED: {error}", flush=True)
+    finally:
+        session.close()
+    return {"error": error, "load_before": load_before, "load_after": busy()}
+
+
+def config_of(opts: Any) -> dict[str, Any]:
+    """The options as JSON-able values."""
+    return {k: str(v) if isinstance(v, Path | set) else v for k, v in vars(opts).items()}
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def print_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned first column, right-aligned others, a rule under the header."""
+    cells = [list(head), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    lines = []
+    for n, row in enumerate(cells):
+        first, rest = row[0].ljust(widths[0]), row[1:]
+        lines.append(
+            "  ".join([first, *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))])
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    doc = {**doc, "environment": environment(), "argv": sys.argv}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    print(f"raw numbers: {path}", flush=True)
