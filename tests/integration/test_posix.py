@@ -111,11 +111,6 @@ def test_create_write_read_append(work: Path) -> None:
     os.close(fd)
 
 
-@pytest.mark.xfail(
-    reason="open(O_TRUNC) of an existing file does not truncate: the kernel passes O_TRUNC "
-    "to OPEN (atomic_o_trunc) and the daemon ignores the open flags",
-    strict=True,
-)
 def test_o_trunc(work: Path) -> None:
     f = work / "f"
     f.write_bytes(b"x" * (3 * PAGE))
@@ -493,11 +488,6 @@ def test_unknown_xattr_namespace_is_not_supported(work: Path) -> None:
     assert os.listxattr(f) == []
 
 
-@pytest.mark.xfail(
-    reason="getxattr/removexattr of an unknown namespace answer ENODATA; tmpfs answers "
-    "EOPNOTSUPP (as setxattr already does)",
-    strict=True,
-)
 def test_unknown_xattr_namespace_get_and_remove(work: Path) -> None:
     f = work / "f"
     f.write_bytes(b"")
