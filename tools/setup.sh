@@ -9,4 +9,7 @@ apt-get install -y -qq fuse3 libfuse3-dev pkg-config attr gcc python3-dev python
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'
-echo "vrangefs: set up in $(pwd)/.venv"
+# mount(8) runs /sbin/mount.<type>; the systemd units run /usr/local/bin/vrangefs.
+ln -sf "$(pwd)/.venv/bin/mount.vrangefs" /sbin/mount.vrangefs
+ln -sf "$(pwd)/.venv/bin/vrangefs" /usr/local/bin/vrangefs
+echo "vrangefs: set up in $(pwd)/.venv (vrangefs and mount.vrangefs linked into the PATH)"

@@ -108,18 +108,9 @@ def split_options(values: Sequence[str]) -> list[str]:
 def cmd_mount(args: argparse.Namespace) -> int:
     from vrangefs.mount import MountConfig  # imports pyfuse3: keep the other commands light
 
+    fuse_opts, root = apply_mount_options(args)
     cap = memory_cap(args.memory_cap)
-    options = split_options(args.options)
     purged_reads = args.purged_reads
-    fuse_opts: list[str] = []
-    for opt in options:
-        key, _, value = opt.partition("=")
-        if key == "purged_reads":
-            purged_reads = value
-        elif key in ("size", "memory_cap"):
-            cap = memory_cap(value)
-        else:
-            fuse_opts.append(opt)
     if purged_reads not in ("eio", "zeros"):
         raise UserError(f"invalid purged_reads={purged_reads!r}: expected 'eio' or 'zeros'")
     high = _fraction("--high-watermark", args.high_watermark)
@@ -150,10 +141,95 @@ def cmd_mount(args: argparse.Namespace) -> int:
         high_watermark=high,
         low_watermark=low,
         pressure=pressure_config,
+        root_mode=root.get("mode", 0o1777),
+        root_uid=root.get("uid"),
+        root_gid=root.get("gid"),
     )
     if args.foreground:
         return run_foreground(config, args)
     return spawn_daemon(args, mountpoint)
+
+
+# -o options that set a vrangefs option (tmpfs's names where it has one).
+_OPTION_ALIASES = {
+    "size": "memory_cap",
+    "memory_cap": "memory_cap",
+    "purged_reads": "purged_reads",
+    "high_watermark": "high_watermark",
+    "low_watermark": "low_watermark",
+    "pressure_purge": "pressure_purge",
+    "min_free": "min_free",
+}
+# mount(8) and fstab options that mean nothing to the daemon.
+_IGNORED_OPTIONS = frozenset(
+    (
+        "defaults",
+        "auto",
+        "noauto",
+        "nofail",
+        "_netdev",
+        "user",
+        "users",
+        "owner",
+        "group",
+        "rw",
+        "nouser",
+        "sw",
+        "xx",
+    )
+)
+
+
+def apply_mount_options(args: argparse.Namespace) -> tuple[list[str], dict[str, int]]:
+    """Sort ``-o`` options: vrangefs settings go into *args*, root ownership
+    (``mode``, ``uid``, ``gid``, as tmpfs has them) into the returned dict,
+    mount(8)'s own options are dropped, and the rest go to FUSE."""
+    fuse_opts: list[str] = []
+    root: dict[str, int] = {}
+    for opt in split_options(args.options):
+        key, sep, value = opt.partition("=")
+        if key in _OPTION_ALIASES and sep:
+            setattr(args, _OPTION_ALIASES[key], value)
+        elif key == "debug" and not sep:
+            args.debug = True
+        elif key in ("mode", "uid", "gid") and sep:
+            try:
+                root[key] = int(value, 8) if key == "mode" else int(value)
+            except ValueError:
+                kind = "an octal mode such as 1777" if key == "mode" else "a number"
+                raise UserError(f"invalid option {opt!r}: expected {kind}") from None
+            if root[key] < 0 or (key == "mode" and root[key] > 0o7777):
+                raise UserError(f"invalid option {opt!r}: out of range")
+        elif key in _IGNORED_OPTIONS or key.startswith(("x-", "comment")):
+            continue
+        else:
+            fuse_opts.append(opt)
+    return fuse_opts, root
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """``mount.vrangefs SOURCE DIR [-sfnv] [-o OPTIONS]``, as mount(8) calls it.
+
+    This is what makes ``mount -t vrangefs -o size=512M vrangefs /mnt/cache``
+    and the fstab line ``vrangefs /mnt/cache vrangefs size=512M 0 0`` work.
+    """
+    parser = argparse.ArgumentParser(prog="mount.vrangefs")
+    parser.add_argument("source", help="ignored (by convention: vrangefs)")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    parser.add_argument("-s", action="store_true", help="sloppy: accepted, ignored")
+    parser.add_argument(
+        "-f", dest="fake", action="store_true", help="fake: do everything but mount"
+    )
+    parser.add_argument("-n", action="store_true", help="no mtab: accepted, ignored")
+    parser.add_argument("-v", action="store_true", help="verbose: accepted, ignored")
+    args = parser.parse_args(argv)
+    if args.fake:
+        return 0
+    mount_args = ["mount", args.mountpoint]
+    for opt in args.options:
+        mount_args += ["-o", opt]
+    return main(mount_args)
 
 
 def _fraction(option: str, text: str) -> float:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from vrangefs import pressure
+from vrangefs import pressure, sdnotify
 from vrangefs.memory import MemoryProbe
 from vrangefs.operations import Operations
 from vrangefs.pagestore import PageStore
@@ -65,7 +65,12 @@ def build(config: MountConfig) -> Operations:
         high_watermark=config.high_watermark,
         low_watermark=config.low_watermark,
     )
-    return Operations(volume)
+    return Operations(volume, on_init=_served)
+
+
+def _served() -> None:
+    log.info("serving requests")
+    sdnotify.notify("READY=1\nSTATUS=serving")
 
 
 async def _serve(ops: Operations, config: MountConfig) -> None:
@@ -114,6 +119,7 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         log.exception("main loop failed")
         pyfuse3.close(unmount=True)
         raise
+    sdnotify.notify("STOPPING=1")
     pyfuse3.close(unmount=True)
     log.info("unmounted %s", config.mountpoint)
     return 0

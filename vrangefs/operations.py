@@ -73,14 +73,20 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # partial writes into purged pages must not read first
     enable_acl = False
 
-    def __init__(self, volume: Volume) -> None:
+    def __init__(self, volume: Volume, on_init: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.volume = volume
+        self._on_init = on_init
         self._invalidate_queue: deque[tuple[int, PurgeLock | None]] = deque()
         self._invalidate_wakeup: trio.Event | None = None
         self._reinvalidate: set[int] = set()
         self.invalidations = 0
         self.invalidation_max_s = 0.0
+
+    def init(self) -> None:
+        """The kernel's INIT request arrived: from now on requests are served."""
+        if self._on_init is not None:
+            self._on_init()
 
     # -- helpers ----------------------------------------------------------------
     def attributes(self, inode: Inode) -> pyfuse3.EntryAttributes:
