@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TextIO, cast
 
 import pyfuse3
 import trio
@@ -99,7 +100,7 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     *ready* is called once: with None when the mount exists, or with an error
     message when mounting failed.
     """
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.register(signal.SIGUSR1, file=_log_stream(), all_threads=True)
     ops = build(config)
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
@@ -123,6 +124,15 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     pyfuse3.close(unmount=True)
     log.info("unmounted %s", config.mountpoint)
     return 0
+
+
+def _log_stream() -> TextIO:
+    """Where the log goes, so that stack dumps land next to it."""
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is not None and hasattr(stream, "fileno"):
+            return cast(TextIO, stream)
+    return sys.stderr
 
 
 def setup_logging(debug: bool, log_file: str | None) -> None:

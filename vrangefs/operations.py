@@ -39,6 +39,19 @@ ENTRY_TIMEOUT = 60.0
 ATTR_TIMEOUT = 60.0
 
 
+# Fault injection, for tests only: with VRANGEFS_FAULT_INJECTION=1 in the
+# daemon's environment, setting ``user.vrange.fault`` on the mount root to a
+# handler name (e.g. ``read``) makes that handler's next call raise
+# RuntimeError, to show that a bug costs one request (EIO), not the daemon.
+FAULT_INJECTION = os.environ.get("VRANGEFS_FAULT_INJECTION") == "1"
+FAULT_XATTR = b"user.vrange.fault"
+_pending_faults: set[str] = set()
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a handler on request of a test."""
+
+
 def _handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Map FsError to FUSEError; log and answer EIO for anything unexpected."""
     name = fn.__name__
@@ -48,6 +61,9 @@ def _handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s%r", name, args[1:])
         try:
+            if _pending_faults and name in _pending_faults:
+                _pending_faults.discard(name)
+                raise InjectedFault(f"fault injected into {name}")
             return await fn(*args, **kwargs)
         except FsError as e:
             if log.isEnabledFor(logging.DEBUG):
@@ -362,6 +378,9 @@ class Operations(pyfuse3.Operations):
     ) -> None:
         if not control.is_control(name):
             self.volume.setxattr(inode, name, value)
+            return
+        if FAULT_INJECTION and name == FAULT_XATTR and inode == pyfuse3.ROOT_INODE:
+            _pending_faults.add(value.decode(errors="replace").strip())
             return
         if name == NONVOLATILE_B:
             await self.settled(inode)
