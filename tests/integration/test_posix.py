@@ -262,6 +262,24 @@ def test_unlink_of_open_file(fresh: Mount) -> None:
     wait_until(lambda: fresh.used_bytes() == used0, 10, "space freed after the last close")
 
 
+def test_unlinked_mmapped_file_lives_until_munmap(fresh: Mount) -> None:
+    f = fresh.path / "mapped"
+    f.write_bytes(b"m" * (4 * PAGE))
+    fd = os.open(f, os.O_RDWR)
+    m = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        os.close(fd)
+        os.unlink(f)
+        m[0:4] = b"live"
+        m.flush()
+        assert m[0:4] == b"live"
+        assert m[PAGE : PAGE + 2] == b"mm"
+        assert fresh.used_bytes() == 4 * PAGE  # the mapping holds the file open
+    finally:
+        m.close()
+    wait_until(lambda: fresh.used_bytes() == 0, 10, "space freed after munmap")
+
+
 def test_symlinks(work: Path) -> None:
     (work / "target").write_bytes(b"pointed at")
     os.symlink("target", work / "rel")
@@ -275,6 +293,9 @@ def test_symlinks(work: Path) -> None:
     assert st.st_size == len("target")
     assert errno_of(os.stat, work / "dangling") == errno.ENOENT
     assert errno_of(os.symlink, "x", work / "rel") == errno.EEXIST
+    os.lchown(work / "rel", NOBODY, NOBODY)
+    assert os.lstat(work / "rel").st_uid == NOBODY
+    assert (work / "target").stat().st_uid == 0
     long_target = "d/" * 1000
     os.symlink(long_target, work / "long")
     assert os.readlink(work / "long") == long_target
@@ -425,6 +446,9 @@ def test_permission_checks_for_another_user(work: Path) -> None:
     assert as_user(NOBODY, lambda: os.chmod(secret, 0o666)) == errno.EPERM
     assert as_user(NOBODY, lambda: os.chown(secret, NOBODY, NOBODY)) == errno.EPERM
     assert as_user(NOBODY, lambda: os.unlink(public)) == errno.EACCES
+    assert as_user(NOBODY, lambda: os.utime(public)) == errno.EACCES  # "now" needs write access
+    assert as_user(NOBODY, lambda: os.utime(public, ns=(1, 1))) == errno.EPERM  # owner only
+    assert as_user(NOBODY, lambda: os.setxattr(public, "user.x", b"1")) == errno.EACCES
     assert not (closed / "new").exists()
     assert public.read_bytes() == b"everyone"
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
