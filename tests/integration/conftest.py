@@ -113,17 +113,23 @@ def serving_pids(path: str | Path) -> list[int]:
     return found
 
 
-def stats_pid(path: str | Path) -> int | None:
-    """The ``pid=`` line of the mount's ``user.vrange.stats``, if the daemon has one."""
+def mount_stats(path: str | Path) -> dict[str, int]:
+    """The integer ``key=value`` lines of ``user.vrange.stats`` (empty if unavailable)."""
     try:
         value = os.getxattr(path, STATS_XATTR)
     except OSError:
-        return None
+        return {}
+    out = {}
     for line in value.decode(errors="replace").splitlines():
         key, _, number = line.partition("=")
-        if key.strip() == "pid" and number.strip().isdigit():
-            return int(number)
-    return None
+        if number.strip().lstrip("-").isdigit():
+            out[key.strip()] = int(number)
+    return out
+
+
+def stats_pid(path: str | Path) -> int | None:
+    """The ``pid=`` line of the mount's ``user.vrange.stats``, if the daemon has one."""
+    return mount_stats(path).get("pid")
 
 
 def find_daemon_pid(path: str | Path, mount_stderr: str = "") -> int | None:
@@ -386,13 +392,21 @@ def work(shared: Mount) -> Iterator[Path]:
 
     Once it is removed the mount must hold no data again: nothing a test did
     may leak pages (released files free their data, within a deadline, since
-    the kernel sends RELEASE after close returns).
+    the kernel sends RELEASE after close returns), and, where the daemon
+    reports ``inodes`` in its stats, no inode but the root may stay (the
+    kernel forgets removed inodes once nothing uses them).
     """
     path = Path(tempfile.mkdtemp(dir=shared.path))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path)
     wait_until(lambda: shared.used_bytes() == 0, 10, "shared mount back to 0 bytes used")
+    if "inodes" in mount_stats(shared.path):
+
+        def only_root_left() -> bool:
+            return mount_stats(shared.path).get("inodes") == 1
+
+        wait_until(only_root_left, 10, "the daemon frees every removed inode")
 
 
 def errno_of(fn: Callable[..., object], *args: object, **kwargs: object) -> int:

@@ -122,6 +122,27 @@ def test_o_trunc(work: Path) -> None:
     assert f.read_bytes() == b""
     subprocess.run(["sh", "-c", f"echo longer-line > '{f}'; echo hi > '{f}'"], check=True)
     assert f.read_bytes() == b"hi\n"
+    # O_TRUNC marks mtime and ctime for update even when the file is already empty.
+    os.truncate(f, 0)
+    os.utime(f, ns=(OLD_NS, OLD_NS))
+    ctime0 = f.stat().st_ctime_ns
+    clock_after(ctime0)
+    os.close(os.open(f, os.O_WRONLY | os.O_TRUNC))
+    assert f.stat().st_mtime_ns > ctime0
+    assert f.stat().st_ctime_ns > ctime0
+
+
+@pytest.mark.xfail(
+    reason="open(O_RDONLY | O_TRUNC) does not truncate; Linux (tmpfs) truncates when the "
+    "caller may write (Volume.open skips O_TRUNC for O_RDONLY)",
+    strict=True,
+)
+def test_o_rdonly_o_trunc_truncates_like_tmpfs(work: Path) -> None:
+    f = work / "f"
+    f.write_bytes(b"12345")
+    os.close(os.open(f, os.O_RDONLY | os.O_TRUNC))
+    assert f.stat().st_size == 0
+    assert f.read_bytes() == b""
 
 
 def test_truncate_grow_and_shrink(work: Path) -> None:
