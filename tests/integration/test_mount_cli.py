@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -85,6 +86,22 @@ def test_foreground_stays_until_signalled(mounter: Mounter, signum: int) -> None
     assert not is_mounted(mount.path)
     assert not os.path.ismount(mount.path)
     assert not (mount.path / "f").exists()  # the mount point is the empty directory again
+
+
+def test_sigterm_unmounts_even_while_a_file_is_open(mounter: Mounter) -> None:
+    mount = mounter.foreground(["--memory-cap", "8M"])
+    proc = mount.daemon.popen
+    assert proc is not None
+    fd = os.open(mount.path / "busy", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"x")
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+        assert not is_mounted(mount.path)
+        assert errno_of(os.write, fd, b"y") == errno.ENOTCONN
+    finally:
+        with contextlib.suppress(OSError):  # FLUSH fails too; the fd is released anyway
+            os.close(fd)
 
 
 def test_umount_stops_the_daemon(mounter: Mounter) -> None:
