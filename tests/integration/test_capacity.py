@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import wait_until
 from tests.integration.conftest import Mount, Mounter
@@ -31,32 +34,47 @@ def fill(path: Path, limit: int, chunk: int = 256 * 1024) -> tuple[int, int]:
     return written, 0
 
 
-def small(mounter: Mounter) -> Mount:
-    return mounter.mount("8M")
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """One 8 MiB mount for the module."""
+    m = Mounter(tmp_path_factory.mktemp("capacity"))
+    try:
+        yield m.mount("8M")
+    finally:
+        m.close()
 
 
-def test_cap_is_the_size(mounter: Mounter) -> None:
-    m = small(mounter)
-    st = os.statvfs(m.path)
+@pytest.fixture
+def small(capped: Mount) -> Iterator[Mount]:
+    """The 8 MiB mount, empty at the start of the test and emptied after it."""
+    assert capped.used_bytes() == 0
+    assert os.listdir(capped.path) == []
+    yield capped
+    for name in os.listdir(capped.path):
+        os.unlink(capped.path / name)
+    wait_until(lambda: capped.used_bytes() == 0, 10, "capped mount empty again")
+
+
+def test_cap_is_the_size(small: Mount) -> None:
+    st = os.statvfs(small.path)
     assert st.f_blocks * st.f_frsize == CAP
     assert st.f_bfree == st.f_blocks
 
 
-def test_write_beyond_cap_fails_with_enospc_and_keeps_data(mounter: Mounter) -> None:
-    m = small(mounter)
+def test_write_beyond_cap_fails_with_enospc_and_keeps_data(small: Mount) -> None:
     keep = os.urandom(3 * MiB + 123)
-    (m.path / "keep").write_bytes(keep)
-    written, err = fill(m.path / "big", 2 * CAP)
+    (small.path / "keep").write_bytes(keep)
+    written, err = fill(small.path / "big", 2 * CAP)
     assert err == errno.ENOSPC
     assert written <= CAP - len(keep)
     assert written > 0
-    assert (m.path / "big").stat().st_size == written
+    assert (small.path / "big").stat().st_size == written
     # Everything stored before the failure is intact.
-    assert (m.path / "keep").read_bytes() == keep
-    assert m.used_bytes() <= m.size_bytes()
+    assert (small.path / "keep").read_bytes() == keep
+    assert small.used_bytes() <= small.size_bytes()
     # df agrees: used never exceeds size.
     out = subprocess.run(
-        ["df", "-B1", "--output=size,used,avail", str(m.path)],
+        ["df", "-B1", "--output=size,used,avail", str(small.path)],
         capture_output=True,
         text=True,
         check=True,
@@ -67,37 +85,35 @@ def test_write_beyond_cap_fails_with_enospc_and_keeps_data(mounter: Mounter) -> 
     assert used + avail == size
 
 
-def test_dd_beyond_cap_fails(mounter: Mounter) -> None:
-    m = small(mounter)
+def test_dd_beyond_cap_fails(small: Mount) -> None:
     result = subprocess.run(
-        ["dd", "if=/dev/zero", f"of={m.path / 'zeros'}", "bs=1M", "count=16", "status=none"],
+        ["dd", "if=/dev/zero", f"of={small.path / 'zeros'}", "bs=1M", "count=16", "status=none"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode != 0
-    assert (m.path / "zeros").stat().st_size <= CAP
-    assert m.used_bytes() <= CAP
+    assert (small.path / "zeros").stat().st_size <= CAP
+    assert small.used_bytes() <= CAP
 
 
-def test_space_is_usable_again_after_delete(mounter: Mounter) -> None:
-    m = small(mounter)
-    first, err = fill(m.path / "first", 2 * CAP)
+def test_space_is_usable_again_after_delete(small: Mount) -> None:
+    first, err = fill(small.path / "first", 2 * CAP)
     assert err == errno.ENOSPC
     assert first >= CAP - MiB  # nearly all of the cap was usable
-    assert fill(m.path / "second", MiB)[1] == errno.ENOSPC
-    os.unlink(m.path / "first")
-    wait_until(lambda: m.used_bytes() <= MiB, 10, "space freed by unlink")
-    os.unlink(m.path / "second")
-    wait_until(lambda: m.used_bytes() == 0, 10, "all space freed")
+    assert fill(small.path / "second", MiB)[1] == errno.ENOSPC
+    os.unlink(small.path / "first")
+    wait_until(lambda: small.used_bytes() <= MiB, 10, "space freed by unlink")
+    os.unlink(small.path / "second")
+    wait_until(lambda: small.used_bytes() == 0, 10, "all space freed")
     data = os.urandom(CAP - MiB)
-    (m.path / "again").write_bytes(data)
-    assert (m.path / "again").read_bytes() == data
+    (small.path / "again").write_bytes(data)
+    assert (small.path / "again").read_bytes() == data
     # Truncating frees space too.
-    os.truncate(m.path / "again", MiB)
-    assert m.used_bytes() == MiB
-    assert fill(m.path / "more", CAP - 2 * MiB)[1] == 0
+    os.truncate(small.path / "again", MiB)
+    assert small.used_bytes() == MiB
+    assert fill(small.path / "more", CAP - 2 * MiB)[1] == 0
 
 
 def test_enospc_on_many_small_files(mounter: Mounter) -> None:
