@@ -239,3 +239,33 @@ def test_zeros_mode_cached_reader_sees_zeros_not_old_bytes(zeros: Mount) -> None
         assert os.pread(fd, SIZE, 0) == want
         assert in_child(lambda: mm[:] == want) is True
         assert mm[:] == want
+
+
+# -- stores through a mapping ------------------------------------------------------------------
+def store_through_mapping(path: Path, offset: int, data: bytes) -> bool:
+    """Store *data* through a shared mapping and write it back (may raise SIGBUS)."""
+    with opened(path, os.O_RDWR) as fd, mmap.mmap(fd, SIZE, flags=mmap.MAP_SHARED) as mm:
+        mm[offset : offset + len(data)] = data
+        mm.flush()
+    return True
+
+
+def test_zeros_mode_store_through_a_mapping_into_a_purged_page_works(zeros: Mount) -> None:
+    f, content = store(zeros)
+    assert in_child(lambda: store_through_mapping(f, 3 * PAGE + 1, b"new")) is True
+    assert purged(f) == [(4 * PAGE, PAGE)]
+    with opened(f) as fd:
+        assert os.pread(fd, PAGE, 3 * PAGE) == b"\0new" + bytes(PAGE - 4)
+        assert os.pread(fd, 3 * PAGE, 0) == content[: 3 * PAGE]
+
+
+@pytest.mark.xfail(
+    reason="contract: 'Writes into purged pages, partial ones included, always work'; a "
+    "store through a mapping makes the kernel read the page first, the read fails with "
+    "EIO, and the storing process dies of SIGBUS",
+    strict=True,
+)
+def test_store_through_a_mapping_into_a_purged_page_works(eio: Mount) -> None:
+    f, _ = store(eio)
+    assert child_signal(lambda: store_through_mapping(f, 3 * PAGE + 1, b"new")) is None
+    assert purged(f) == [(4 * PAGE, PAGE)]

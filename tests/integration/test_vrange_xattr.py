@@ -262,6 +262,25 @@ def test_writes_into_a_volatile_range_keep_it_volatile(shared: Mount, work: Path
     assert purged(f) == [(0, 3 * PAGE)]  # the written page went with its unit
 
 
+def test_marking_a_purged_unit_again_makes_it_purgeable_again(shared: Mount, work: Path) -> None:
+    f = work / "f"
+    f.write_bytes(pattern(4))
+    mark(f, "0,8K")
+    purge_all(shared.path)
+    with f.open("r+b") as out:  # page 0 written again: data, still in the purged unit
+        out.write(b"A" * PAGE)
+    unmark(f, "0,8K")
+    assert purged(f) == [(PAGE, PAGE)]
+    mark(f, "4K,12K")  # overlaps the old unit's page 1 only: a new unit of pages 1-3
+    assert volatile(f) == [(PAGE, 3 * PAGE)]
+    mark(f, "0,8K")  # overlaps it: one unit of pages 0-3
+    assert volatile(f) == [(0, 4 * PAGE)]
+    events = stats(shared.path)["purge_events"]
+    purge_all(shared.path)
+    assert stats(shared.path)["purge_events"] == events + 1
+    assert purged(f) == [(0, 4 * PAGE)]
+
+
 def test_written_page_of_a_purged_unit_is_purgeable_again(shared: Mount, work: Path) -> None:
     f = work / "f"
     f.write_bytes(pattern(3))
@@ -311,6 +330,34 @@ def test_names_are_hidden_from_listxattr_getfattr_and_cp(work: Path) -> None:
     assert volatile(copy) == []
     assert volatile(f) == [(0, 2 * PAGE)]
     assert copy.read_bytes() == pattern(2)
+
+
+def test_a_listing_too_long_for_an_xattr_is_refused_whole_never_cut(
+    shared: Mount, work: Path
+) -> None:
+    """5,500 units list as about 74 KB, past the kernel's 64 KiB xattr limit: the listing
+    must then fail with E2BIG (or, if the filesystem finds a way, come back complete),
+    never cut short; marking goes on working."""
+    f = work / "sparse"
+    units = 5500
+    f.touch()
+    os.truncate(f, 2 * units * PAGE)  # holes: no memory
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for i in range(units):
+            mark(fd, f"{2 * i * PAGE},{PAGE}")
+    finally:
+        os.close(fd)
+    expected = [(2 * i * PAGE, PAGE) for i in range(units)]
+    try:
+        listing = volatile(f)
+    except OSError as e:
+        assert e.errno == errno.E2BIG, e
+    else:
+        assert listing == expected
+    unmark(f, f"{PAGE},0")
+    assert volatile(f) == [(0, PAGE)]
+    assert stats(shared.path)["pid"] == shared.pid
 
 
 # -- statistics ---------------------------------------------------------------------------
@@ -458,3 +505,27 @@ def test_nobody_cannot_mark_or_read_what_it_may_not(shared: Mount, work: Path) -
     assert got["purge"] in denied  # the sticky root belongs to root
     assert got["stats"] is True
     assert [snapshot(shared.path, f) for f in (public, private)] == before
+
+
+def test_nobody_marks_its_own_writable_file_but_not_a_read_only_one(work: Path) -> None:
+    mine, read_only = work / "mine", work / "read-only"
+    for f, mode in ((mine, 0o644), (read_only, 0o444)):
+        f.write_bytes(pattern(2))
+        os.chown(f, 65534, 65534)
+        f.chmod(mode)
+
+    def attempts() -> object:
+        return {
+            "mine": errno_or_value(lambda: os.setxattr(mine, VOLATILE, b"0,0")),
+            "mine_after": os.getxattr(mine, VOLATILE).decode(),
+            "read_only": errno_or_value(lambda: os.setxattr(read_only, VOLATILE, b"0,0")),
+        }
+
+    got = as_nobody(attempts)
+    assert got == {
+        "mine": None,
+        "mine_after": "0,8192\n",
+        "read_only": {"errno": errno.EACCES},
+    }
+    assert volatile(mine) == [(0, 2 * PAGE)]
+    assert volatile(read_only) == []
