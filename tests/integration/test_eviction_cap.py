@@ -149,6 +149,22 @@ def test_writes_past_the_cap_purge_oldest_units_then_fail_with_enospc(
     assert errno_of(b.read_bytes) == errno.EIO
     assert b.stat().st_size == len(b_content)
 
+    # The cap is full; a write to a volatile file may purge that very file (no deadlock).
+    mark(e, "0,0")
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={e}", "bs=4096", "count=1", "oflag=append", "conv=notrunc"],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    assert purged(e) == [(0, 4 * MIB)]
+    assert e.stat().st_size == 4 * MIB + PAGE
+    with e.open("rb") as reader:
+        assert os.pread(reader.fileno(), 2 * PAGE, 4 * MIB) == bytes(PAGE)
+        assert errno_of(os.pread, reader.fileno(), PAGE, 0) == errno.EIO
+    s = check_cap(m)
+    assert (s["purged_bytes_total"], s["purge_events"]) == (12 * MIB, 3)
+
 
 def test_purge_order_follows_the_latest_mark_and_split_pieces_keep_their_place(
     mounter: Mounter,

@@ -85,6 +85,8 @@ def pread_errno(path: Path, offset: int, size: int) -> int | bytes:
         (40960, "4K,8K", [(4096, 8192)]),  # suffixes
         (40960, "4k,8KiB", [(4096, 8192)]),
         (0, "0,0", []),  # an empty file has no page to mark
+        (10000, "0,9223372036854775807", [(0, 10000)]),  # 2**63 - 1 in all: allowed
+        (10000, "9223372036854775807,0", []),
     ],
 )
 def test_mark_volatile_rounds_inward_and_clips(
