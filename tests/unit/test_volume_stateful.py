@@ -1,0 +1,242 @@
+"""Random mark / unmark / write / truncate / purge / unlink sequences on the volume,
+checked after every step against a plain per-page reference model.
+
+The model knows nothing of interval trees, heaps or page slots: each file is a
+list of pages (bytes, a hole or purged) and a list of units (a set of pages,
+the mark sequence number, a purged flag).  After every step the volume's
+volatile ranges, purged ranges, resident pages and file contents must be what
+the model says, and the volume's own invariant check must pass.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass, field
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from vrangefs.errors import FsError
+from vrangefs.pagestore import PAGE_SIZE, PageStore
+from vrangefs.protocol import nonvolatile_pages, volatile_pages
+from vrangefs.volume import AttrChange, Caller, Volume
+
+MAX_PAGES = 8
+NAMES = (b"a", b"b")
+ROOT = 1
+CALLER = Caller(0, 0)
+HOLE = None
+
+
+class Purged:
+    """Marker for a purged page in the model."""
+
+
+PURGED = Purged()
+
+
+@dataclass
+class ModelUnit:
+    pages: set[int]
+    seq: int
+    purged: bool = False
+
+
+@dataclass
+class ModelFile:
+    size: int = 0
+    pages: dict[int, bytes | Purged] = field(default_factory=dict)  # missing = hole
+    units: list[ModelUnit] = field(default_factory=list)
+
+
+# Mostly page-aligned values (where units begin and end), some arbitrary ones (rounding).
+offsets = st.one_of(
+    st.integers(0, MAX_PAGES).map(lambda p: p * PAGE_SIZE), st.integers(0, MAX_PAGES * PAGE_SIZE)
+)
+lengths = st.one_of(
+    st.just(0),
+    st.integers(1, 3).map(lambda p: p * PAGE_SIZE),
+    st.integers(0, 3 * PAGE_SIZE),
+)
+
+
+class VolumeMachine(RuleBasedStateMachine):
+    @initialize()
+    def start(self) -> None:
+        self.volume = Volume(PageStore(64 * PAGE_SIZE), max_inodes=100)
+        self.inos: dict[bytes, int] = {}
+        self.model: dict[bytes, ModelFile] = {}
+        self.seq = 0
+        for name in NAMES:
+            self._create(name)
+
+    def _create(self, name: bytes) -> None:
+        inode = self.volume.create(ROOT, name, 0o644, CALLER)
+        self.volume.release(inode.ino)
+        self.inos[name] = inode.ino
+        self.model[name] = ModelFile()
+
+    # -- rules -------------------------------------------------------------------------
+    @rule(
+        name=st.sampled_from(NAMES),
+        off=offsets,
+        length=st.integers(1, 3 * PAGE_SIZE),
+        byte=st.integers(1, 255),
+    )
+    def write(self, name: bytes, off: int, length: int, byte: int) -> None:
+        m = self.model[name]
+        first, last = off // PAGE_SIZE, (off + length - 1) // PAGE_SIZE
+        new_pages = sum(1 for p in range(first, last + 1) if not isinstance(m.pages.get(p), bytes))
+        if self.volume.store.used_pages + new_pages > self.volume.store.capacity_pages:
+            return  # eviction at the cap has its own tests; keep this model simple
+        self.volume.write(self.inos[name], off, bytes([byte]) * length)
+        for p in range(first, last + 1):
+            old = m.pages.get(p)
+            page = bytearray(old if isinstance(old, bytes) else bytes(PAGE_SIZE))
+            lo = max(off, p * PAGE_SIZE) - p * PAGE_SIZE
+            hi = min(off + length, (p + 1) * PAGE_SIZE) - p * PAGE_SIZE
+            page[lo:hi] = bytes([byte]) * (hi - lo)
+            m.pages[p] = bytes(page)
+            for unit in m.units:
+                if p in unit.pages:
+                    unit.purged = False  # written again: purgeable again
+        m.size = max(m.size, off + length)
+
+    @rule(name=st.sampled_from(NAMES), size=st.integers(0, MAX_PAGES * PAGE_SIZE))
+    def truncate(self, name: bytes, size: int) -> None:
+        self.volume.setattr(self.inos[name], AttrChange(size=size))
+        m = self.model[name]
+        keep = -(-size // PAGE_SIZE)
+        for p in [p for p in m.pages if p >= keep]:
+            del m.pages[p]
+        tail = size % PAGE_SIZE
+        last = m.pages.get(size // PAGE_SIZE)
+        if tail and isinstance(last, bytes) and size < m.size:
+            m.pages[size // PAGE_SIZE] = last[:tail] + bytes(PAGE_SIZE - tail)
+        self._cut(m, keep, 1 << 40)
+        m.size = size
+
+    @rule(name=st.sampled_from(NAMES), off=offsets, length=lengths)
+    def mark_volatile(self, name: bytes, off: int, length: int) -> None:
+        m = self.model[name]
+        self.volume.mark_volatile(self.inos[name], off, length)
+        pages = volatile_pages(off, length, m.size)
+        if pages is None:
+            return
+        new = set(range(*pages))
+        merged = [u for u in m.units if u.pages & new]
+        for u in merged:
+            new |= u.pages
+            m.units.remove(u)
+        self.seq += 1
+        m.units.append(ModelUnit(new, self.seq))
+
+    @rule(name=st.sampled_from(NAMES), off=offsets, length=lengths)
+    def mark_nonvolatile(self, name: bytes, off: int, length: int) -> None:
+        m = self.model[name]
+        purged = self.volume.mark_nonvolatile(self.inos[name], off, length)
+        pages = nonvolatile_pages(off, length, m.size)
+        if pages is None:
+            assert purged == []
+            return
+        self._cut(m, *pages)
+        expected = [
+            (p * PAGE_SIZE, min(PAGE_SIZE, m.size - p * PAGE_SIZE))
+            for p in range(*pages)
+            if m.pages.get(p) is PURGED
+        ]
+        assert _merge(purged) == _merge(expected)
+
+    @staticmethod
+    def _cut(m: ModelFile, start: int, end: int) -> None:
+        """Remove pages [start, end) from the units; split pieces keep seq and flag."""
+        out = []
+        for u in m.units:
+            left = {p for p in u.pages if p < start}
+            right = {p for p in u.pages if p >= end}
+            out += [ModelUnit(piece, u.seq, u.purged) for piece in (left, right) if piece]
+        m.units[:] = out
+
+    @rule()
+    def purge_oldest(self) -> None:
+        unit = self.volume.order.oldest()
+        queued = [(u, name) for name, m in self.model.items() for u in m.units if not u.purged]
+        if unit is None:
+            assert queued == []
+            return
+        model_unit, name = min(queued, key=lambda pair: (pair[0].seq, min(pair[0].pages)))
+        assert self.inos[name] == unit.ino
+        assert set(range(unit.start, unit.end)) == model_unit.pages
+        self.volume.purge_unit(unit, "explicit")
+        model_unit.purged = True
+        m = self.model[name]
+        for p in model_unit.pages:
+            if isinstance(m.pages.get(p), bytes):
+                m.pages[p] = PURGED
+
+    @rule(name=st.sampled_from(NAMES))
+    def unlink_and_recreate(self, name: bytes) -> None:
+        self.volume.unlink(ROOT, name)
+        self.volume.forget(self.inos[name], 1)
+        self._create(name)
+
+    # -- checks ------------------------------------------------------------------------
+    @invariant()
+    def agrees_with_model(self) -> None:
+        volume = self.volume
+        volume.check_invariants()
+        resident = 0
+        for name, m in self.model.items():
+            ino = self.inos[name]
+            assert volume.inode(ino).size == m.size
+            units = sorted(
+                (min(u.pages) * PAGE_SIZE, min(max(u.pages) * PAGE_SIZE + PAGE_SIZE, m.size))
+                for u in m.units
+            )
+            got_units = [(o, o + n) for o, n in volume.volatile_ranges(ino)]
+            assert got_units == [(a, b) for a, b in units if a < b]
+            purged = [
+                (p * PAGE_SIZE, min(PAGE_SIZE, m.size - p * PAGE_SIZE))
+                for p in sorted(m.pages)
+                if m.pages[p] is PURGED and p * PAGE_SIZE < m.size
+            ]
+            assert _merge(volume.purged_ranges(ino)) == _merge(purged)
+            resident += sum(1 for page in m.pages.values() if isinstance(page, bytes))
+            for p in range(-(-m.size // PAGE_SIZE)):
+                want = m.pages.get(p, HOLE)
+                n = min(PAGE_SIZE, m.size - p * PAGE_SIZE)
+                try:
+                    got = bytes(volume.read(ino, p * PAGE_SIZE, n))
+                except FsError as e:
+                    assert e.errno == errno.EIO and want is PURGED, (name, p)
+                    continue
+                assert want is not PURGED, (name, p)
+                assert got == (want[:n] if isinstance(want, bytes) else bytes(n)), (name, p)
+        assert volume.store.used_pages == resident
+        # The purge order: exactly the model's unpurged units, oldest mark first (split
+        # pieces keep their mark, in page order).
+        model_order = sorted(
+            ((u.seq, min(u.pages)), self.inos[name], min(u.pages), max(u.pages) + 1)
+            for name, m in self.model.items()
+            for u in m.units
+            if not u.purged
+        )
+        assert [(u.ino, u.start, u.end) for u in volume.order] == [
+            (ino, start, end) for _key, ino, start, end in model_order
+        ]
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Coalesce adjacent (offset, length) ranges, to compare page lists with runs."""
+    out: list[tuple[int, int]] = []
+    for off, n in sorted(ranges):
+        if out and out[-1][0] + out[-1][1] == off:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((off, n))
+    return out
+
+
+VolumeMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+TestVolumeStateful = VolumeMachine.TestCase
