@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.integration.conftest import Mount, errno_of
 from tests.integration.vrange_helpers import (
     NONVOLATILE,
@@ -251,6 +252,36 @@ def test_truncate_removes_purged_pages_and_units(shared: Mount, work: Path) -> N
     assert volatile(f) == []
 
 
+def test_opening_with_o_trunc_drops_units_and_purged_pages(shared: Mount, work: Path) -> None:
+    f = work / "f"
+    f.write_bytes(pattern(4))
+    mark(f, "0,0")
+    purge_all(shared.path)
+    subprocess.run(["sh", "-c", 'echo fresh > "$1"', "sh", str(f)], check=True)
+    assert volatile(f) == []
+    assert purged(f) == []
+    assert f.read_bytes() == b"fresh\n"
+
+
+def test_an_unlinked_open_file_keeps_its_state_until_closed(shared: Mount, work: Path) -> None:
+    f = work / "f"
+    f.write_bytes(pattern(4))
+    base = stats(shared.path)["volatile_bytes"]
+    mark(f, "0,0")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        f.unlink()
+        assert volatile(fd) == [(0, 4 * PAGE)]
+        assert stats(shared.path)["volatile_bytes"] == base + 4 * PAGE
+        purge_all(shared.path)
+        assert purged(fd) == [(0, 4 * PAGE)]
+        assert errno_of(os.pread, fd, PAGE, 0) == errno.EIO
+    finally:
+        os.close(fd)
+    wait_until(lambda: shared.used_bytes() == 0, 10, "the unlinked file's memory is freed")
+    assert stats(shared.path)["volatile_bytes"] == base
+
+
 def test_writes_into_a_volatile_range_keep_it_volatile(shared: Mount, work: Path) -> None:
     f = work / "f"
     f.write_bytes(pattern(3))
@@ -337,20 +368,21 @@ def test_names_are_hidden_from_listxattr_getfattr_and_cp(work: Path) -> None:
 def test_a_listing_too_long_for_an_xattr_is_refused_whole_never_cut(
     shared: Mount, work: Path
 ) -> None:
-    """5,500 units list as about 74 KB, past the kernel's 64 KiB xattr limit: the listing
-    must then fail with E2BIG (or, if the filesystem finds a way, come back complete),
-    never cut short; marking goes on working."""
+    """3,700 units a GiB apart list as about 70 KB, past the kernel's 64 KiB xattr limit:
+    the listing must then fail with E2BIG (or, if the filesystem finds a way, come back
+    complete), never cut short; marking goes on working."""
     f = work / "sparse"
-    units = 5500
+    units, stride = 3700, 1 << 30
     f.touch()
-    os.truncate(f, 2 * units * PAGE)  # holes: no memory
+    os.truncate(f, units * stride)  # holes: no memory
     fd = os.open(f, os.O_RDWR)
     try:
         for i in range(units):
-            mark(fd, f"{2 * i * PAGE},{PAGE}")
+            mark(fd, f"{i * stride},{PAGE}")
     finally:
         os.close(fd)
-    expected = [(2 * i * PAGE, PAGE) for i in range(units)]
+    expected = [(i * stride, PAGE) for i in range(units)]
+    assert len(b"".join(b"%d,%d\n" % r for r in expected)) > 65536
     try:
         listing = volatile(f)
     except OSError as e:
