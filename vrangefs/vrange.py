@@ -233,11 +233,12 @@ class VrangeRoot:
         _check_pages(start, end)
         first = self.unit_at(start)
         found = [] if first is None else [first]
-        starts = self._starts
-        for page in self._bounds().irange(start, end, inclusive=(False, False)):
-            unit = starts.get(page)
-            if unit is not None:
-                found.append(unit)
+        if end - start > 1:  # other units begin strictly inside the range
+            starts = self._starts
+            for page in self._bounds().irange(start, end, inclusive=(False, False)):
+                unit = starts.get(page)
+                if unit is not None:
+                    found.append(unit)
         return found
 
     def unit_at(self, page: int) -> PurgeUnit | None:

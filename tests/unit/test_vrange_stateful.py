@@ -175,8 +175,16 @@ class VrangeMachine(RuleBasedStateMachine):
             assert real == expected
             assert root.volatile_page_count() == len(self.pages[ino])
             assert len(root) == len(expected)
-            for page in range(PAGES + 12):
-                assert root.is_volatile(page) == (page in self.pages[ino])
+            probes = {0, PAGES + 11}
+            for run in self.runs(ino):
+                probes |= {run.start - 1, run.start, run.end - 1, run.end}
+            for page in probes - {-1}:
+                unit = root.unit_at(page)
+                assert root.is_volatile(page) == (unit is not None)
+                assert (unit is not None) == (page in self.pages[ino])
+                if unit is not None:
+                    uid = self.pages[ino][page]
+                    assert all(self.pages[ino].get(p) == uid for p in range(unit.start, unit.end))
 
     @invariant()
     def seqs_match_model(self) -> None:
@@ -205,5 +213,5 @@ class VrangeMachine(RuleBasedStateMachine):
         assert (oldest is None) == (not expected)
 
 
-VrangeMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+VrangeMachine.TestCase.settings = settings(max_examples=120, stateful_step_count=50, deadline=None)
 TestVrangeMachine = VrangeMachine.TestCase
