@@ -1,0 +1,1 @@
+"""Examples of using vrangefs; a package so that tests can import them (examples.cachestore)."""

@@ -1,0 +1,369 @@
+"""The example cache store (``examples.cachestore``) on real mounts and on a plain directory.
+
+What an application relies on: a round trip returns the bytes; idle objects are volatile and a
+purged one is a miss (and is removed); a reader's pin holds against purges from other
+processes, also while a second reader leaves; several processes hammering the same keys never
+see wrong bytes nor an exception; the cap sheds the least recently used objects; the CLI's
+exit codes; and the same code on a filesystem that is not vrangefs.  Child processes are
+coordinated through pipes, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from examples.cachestore import CacheStore, key_of
+from tests.integration.conftest import Mounter
+from vrangefs import client
+
+REPO = Path(__file__).resolve().parents[2]
+VOLATILE = "user.vrange.volatile"
+PURGED = "user.vrange.purged"
+MIB = 1 << 20
+
+
+def blob(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def volatile_of(path: Path) -> bytes:
+    return os.getxattr(path, VOLATILE)
+
+
+def purge_all(store: CacheStore) -> None:
+    os.setxattr(store.mount, "user.vrange.purge", b"all")
+
+
+@pytest.fixture
+def store(work: Path) -> CacheStore:
+    """A cache in a fresh directory of the module's shared mount (emptied after each test)."""
+    return CacheStore(work / "cache")
+
+
+# -- one process --------------------------------------------------------------------------
+def test_round_trip_and_layout(store: CacheStore) -> None:
+    assert store.volatile
+    data = blob(300_000, 1)
+    key = store.put(data)
+    assert key == hashlib.sha256(data).hexdigest()
+    assert store.path_of(key) == store.root / "objects" / key[:2] / key[2:]
+    assert store.path_of(key).read_bytes() == data
+    assert store.contains(key)
+    assert store.get(key) == data
+    assert store.put(data) == key  # already there: kept, not rewritten
+    empty = store.put(b"")
+    assert store.get(empty) == b""
+    c = store.counters
+    assert (c.hits, c.misses, c.puts, c.deduplicated_puts) == (2, 0, 3, 1)
+    usage = store.usage()
+    assert (usage.objects, usage.bytes, usage.scratch_files) == (2, len(data), 0)
+    stats = store.stats()
+    assert stats.hit_rate == 1.0
+    assert stats.mount["resident_bytes"] == usage.resident_bytes == 300_000 + 4096 - 300_000 % 4096
+
+
+def test_idle_objects_are_volatile_and_pinned_while_open(store: CacheStore) -> None:
+    data = blob(5 * 4096 + 17, 2)
+    key = store.put(data)
+    path = store.path_of(key)
+    whole = b"0,%d\n" % len(data)
+    assert volatile_of(path) == whole
+    with store.open(key) as f:
+        assert f is not None
+        assert volatile_of(path) == b""
+        assert f.read() == data
+    assert volatile_of(path) == whole
+    assert store.get(key) == data
+    assert volatile_of(path) == whole
+
+
+def test_a_purged_object_is_a_miss_and_is_removed(store: CacheStore) -> None:
+    data = blob(MIB, 3)
+    key = store.put(data)
+    purge_all(store)
+    assert os.getxattr(store.path_of(key), PURGED) == b"0,%d\n" % MIB
+    assert not store.contains(key)
+    assert store.get(key) is None
+    assert not store.path_of(key).exists()
+    assert (store.counters.misses, store.counters.purged_misses) == (1, 1)
+    assert store.get(key) is None  # absent now: a plain miss
+    assert store.counters.misses == 2
+    assert store.put(data) == key
+    assert store.get(key) == data
+
+
+def test_the_cap_sheds_the_least_recently_used(mounter: Mounter) -> None:
+    mount = mounter.mount("16M")
+    store = CacheStore(mount.path / "cache")
+    blobs = [blob(MIB, 100 + i) for i in range(40)]  # 2.5 times the cap
+    keys = []
+    for i, data in enumerate(blobs):
+        keys.append(store.put(data))
+        if i % 4 == 0:
+            assert store.get(keys[0]) == blobs[0]  # kept hot: re-marked, purged last
+    assert store.counters.failed_puts == store.counters.lost_puts == 0
+    stats = store.stats()
+    assert int(stats.mount["purge_events"]) >= 24
+    assert int(stats.mount["resident_bytes"]) <= 16 * MIB
+    assert store.get(keys[0]) == blobs[0]
+    assert [store.contains(k) for k in keys[-8:]] == [True] * 8
+    assert [store.get(k) for k in keys[1:9]] == [None] * 8  # the oldest went first
+    assert store.counters.purged_misses == 8
+
+
+def test_discard_never_removes_a_fresh_copy(store: CacheStore) -> None:
+    """A reader that found its object purged while another process re-put it."""
+    data = blob(64 * 1024, 4)
+    key = store.put(data)
+    path = store.path_of(key)
+    with open(path, "rb") as stale:
+        purge_all(store)
+        assert CacheStore(store.root).put(data) == key  # a fresh inode under the same name
+        store._discard(path, stale.fileno())
+    assert store.get(key) == data
+
+
+def test_sweep_removes_only_what_dead_writers_left(store: CacheStore) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    fanout = store.objects / "ab"
+    fanout.mkdir()
+    orphan = fanout / f".tmp-{dead.stdout.strip()}-00ff"
+    mine = fanout / f".tmp-{os.getpid()}-00ff"
+    orphan.write_bytes(b"half an object")
+    mine.write_bytes(b"in progress")
+    assert store.usage().scratch_files == 2
+    assert store.sweep() == 1
+    assert not orphan.exists() and mine.exists()
+
+
+# -- several processes --------------------------------------------------------------------
+READER = """
+import hashlib, sys
+from examples.cachestore import CacheStore
+store, key = CacheStore(sys.argv[1]), sys.argv[2]
+with store.open(key) as f:
+    assert f is not None
+    print("pinned", flush=True)
+    sys.stdin.readline()
+    data = f.read()
+print("ok" if hashlib.sha256(data).hexdigest() == key else "bad", flush=True)
+"""
+
+
+def start_reader(store: CacheStore, key: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", READER, str(store.root), key],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "pinned\n"
+    return proc
+
+
+def finish_reader(proc: subprocess.Popen[str]) -> None:
+    out, _ = proc.communicate("go\n", timeout=30)
+    assert (out, proc.returncode) == ("ok\n", 0)
+
+
+def test_a_pinned_object_survives_purges_until_the_last_reader_leaves(store: CacheStore) -> None:
+    data, other = blob(2 * MIB, 5), blob(MIB, 6)
+    key, other_key = store.put(data), store.put(other)
+    path = store.path_of(key)
+    first = start_reader(store, key)
+    second = start_reader(store, key)
+    assert volatile_of(path) == b""
+    finish_reader(first)  # must not unpin what the second still reads
+    assert volatile_of(path) == b""
+    purge_all(store)
+    assert os.getxattr(path, PURGED) == b""
+    assert store.get(other_key) is None  # the idle one went
+    finish_reader(second)
+    assert volatile_of(path) == b"0,%d\n" % len(data)  # the last one out re-marked it
+    assert store.get(key) == data
+
+
+STRESS_BLOBS = [
+    blob(size, 1000 + i)
+    for i, size in enumerate(
+        [0, 1, 4095, 4096, 4097, 30_000, 70_000, 150_000, 262_144, 300_001, 500_000, 3 * 4096]
+    )
+]
+
+
+def stress_worker(root: str, seed: int, ops: int) -> dict[str, int]:
+    """Random put/get/delete/contains on shared keys, and now and then a purge of all."""
+    store = CacheStore(root)
+    rng = random.Random(seed)
+    wrong = 0
+    for _ in range(ops):
+        data = rng.choice(STRESS_BLOBS)
+        key = key_of(data)
+        op = rng.random()
+        if op < 0.35:
+            assert store.put(data) == key
+        elif op < 0.75:
+            got = store.get(key)
+            wrong += got is not None and got != data
+        elif op < 0.88:
+            store.delete(key)
+        elif op < 0.97:
+            store.contains(key)
+        else:
+            client.purge_all(store.mount)
+    return {**asdict(store.counters), "wrong": wrong}
+
+
+def test_several_processes_share_one_cache(store: CacheStore) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(stress_worker, [(str(store.root), seed, 200) for seed in range(4)])
+    # Never wrong bytes.  (Corrupt misses do happen, from the vrangefs bug shown by
+    # test_vrangefs_reopen_after_unlink_keeps_the_data: the hash check turns them into misses.)
+    assert sum(r["wrong"] for r in results) == 0
+    assert sum(r["hits"] for r in results) > 0
+    assert sum(r["puts"] for r in results) > 0
+    # Afterwards: nothing half-written is left, and every object is intact and volatile
+    # (or purged), i.e. no reader left one pinned.
+    assert store.usage().scratch_files == 0
+    for data in STRESS_BLOBS:
+        path = store.path_of(key_of(data))
+        if not path.exists():
+            continue
+        if data:
+            assert volatile_of(path) == b"0,%d\n" % len(data), path
+        got = store.get(key_of(data))
+        assert got is None or got == data
+
+
+# -- the command line ---------------------------------------------------------------------
+def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "examples.cachestore", *args],
+        cwd=REPO,
+        input=stdin,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_cli_and_its_exit_codes(store: CacheStore, tmp_path: Path) -> None:
+    root = str(store.root)
+    data = blob(100_000, 7)
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.write_bytes(data)
+    put = cli(root, "put", str(src))
+    assert put.returncode == 0, put.stderr
+    key = put.stdout.decode().strip()
+    assert key == key_of(data)
+    assert cli(root, "put", "-", stdin=data).stdout.decode().strip() == key
+    got = cli(root, "get", key)
+    assert (got.returncode, got.stdout) == (0, data)
+    assert cli(root, "get", key, "-o", str(out)).returncode == 0
+    assert out.read_bytes() == data
+    assert cli(root, "contains", key).returncode == 0
+    stats = cli(root, "stats", "--json")
+    assert stats.returncode == 0
+    report = json.loads(stats.stdout)
+    assert report["volatile"] is True
+    assert report["usage"]["objects"] == 1
+    assert "purge_events" in report["mount"]
+    assert b"mount.purge_events=" in cli(root, "stats").stdout
+    assert cli(root, "contains", key_of(b"absent")).returncode == 1
+
+    purge_all(store)
+    assert cli(root, "contains", key).returncode == 1
+    out.unlink()
+    assert cli(root, "get", key, "-o", str(out)).returncode == 1
+    assert not out.exists()
+    miss = cli(root, "get", key)
+    assert (miss.returncode, miss.stdout) == (1, b"")
+    assert b"miss" in miss.stderr
+    assert cli(root, "delete", key).returncode == 1  # the first miss removed it
+    assert cli(root, "put", str(src)).returncode == 0
+    assert cli(root, "delete", key).returncode == 0
+    assert cli(root, "get", "not-a-key").returncode == 2
+
+
+# -- not vrangefs -------------------------------------------------------------------------
+@pytest.fixture
+def plain(tmp_path: Path) -> Iterator[CacheStore]:
+    yield CacheStore(tmp_path / "cache")
+
+
+def test_a_plain_directory_works_without_vrangefs(plain: CacheStore, tmp_path: Path) -> None:
+    assert not plain.volatile
+    data = blob(200_000, 8)
+    key = plain.put(data)
+    path = plain.path_of(key)
+    assert VOLATILE not in os.listxattr(path)  # never marked: vrangefs was not called
+    assert plain.contains(key)
+    assert plain.get(key) == data
+    src = tmp_path / "src"
+    src.write_bytes(data * 3)
+    big = plain.put_file(src)
+    assert plain.get_to(big, tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == data * 3
+    assert plain.delete(key) and not plain.delete(key)
+    assert plain.get(key) is None and not plain.contains(key)
+    assert "used_bytes" in plain.stats().mount
+    with pytest.raises(client.NotVrangefsError):
+        CacheStore(plain.root, volatile=True)
+
+
+def test_a_corrupt_object_is_a_miss_and_is_removed(plain: CacheStore) -> None:
+    key = plain.put(blob(10_000, 9))
+    plain.path_of(key).write_bytes(b"not what the key says")
+    assert plain.get(key) is None
+    assert plain.counters.corrupt_misses == 1
+    assert not plain.path_of(key).exists()
+
+
+# -- a vrangefs bug the store runs into ---------------------------------------------------
+@pytest.mark.xfail(
+    reason="vrangefs bug: Volume._release_if_dead frees an inode's data at the last unlink "
+    "or close although the kernel still holds a lookup and may OPEN it afterwards (an open "
+    "that raced an unlink, or a reopen through /proc/self/fd); that open then finds an empty "
+    "file instead of the data (tmpfs keeps it) or ENOENT",
+    strict=True,
+)
+def test_vrangefs_reopen_after_unlink_keeps_the_data(work: Path) -> None:
+    """An O_PATH descriptor holds a lookup but no open file; reopening it opens the inode.
+
+    This is the deterministic form of what the stress test hits by chance: a reader's
+    lookup happens before another process's unlink (or rename over), its OPEN after.
+    """
+    path = work / "victim"
+    path.write_bytes(b"z" * 10000)
+    handle = os.open(path, os.O_PATH)
+    try:
+        path.unlink()
+        try:
+            fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # also acceptable: the open lost the race with the unlink
+        try:
+            assert os.pread(fd, 20000, 0) == b"z" * 10000
+        finally:
+            os.close(fd)
+    finally:
+        os.close(handle)
