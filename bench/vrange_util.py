@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -238,11 +239,15 @@ def run_session(script: str, body: Callable[[Session], None]) -> dict[str, Any] 
 
     Returns None (after saying why) unless root; else ``error`` (None, or why the body
     stopped early: what it measured so far is kept by the body), ``load_before`` and
-    ``load_after`` (other heavy processes, see :func:`busy`).
+    ``load_during`` (other heavy processes seen at the start / every 5 s, see :func:`busy`).
     """
     load_before = preflight(script)
     if load_before is None:
         return None
+    seen: dict[str, None] = dict.fromkeys(load_before)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_load, args=(seen, stop), daemon=True)
+    watcher.start()
     session = Session()
     error = None
     try:
@@ -252,7 +257,18 @@ def run_session(script: str, body: Callable[[Session], None]) -> dict[str, Any] 
         print(f"FAILED: {error}", flush=True)
     finally:
         session.close()
-    return {"error": error, "load_before": load_before, "load_after": busy()}
+        stop.set()
+        watcher.join()
+    if seen:
+        print(f"NOTE: {len(seen)} other heavy process(es) ran during the benchmark:", flush=True)
+        print("\n".join(f"  {line[:150]}" for line in seen), flush=True)
+    return {"error": error, "load_before": load_before, "load_during": list(seen)}
+
+
+def _watch_load(seen: dict[str, None], stop: threading.Event) -> None:
+    """Add what busy() finds to *seen* every 5 s until *stop* is set."""
+    while not stop.wait(5):
+        seen.update(dict.fromkeys(busy()))
 
 
 def config_of(opts: Any) -> dict[str, Any]:
