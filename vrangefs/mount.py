@@ -80,7 +80,7 @@ async def _serve(ops: Operations, config: MountConfig) -> None:
         nursery.start_soon(ops.run_invalidator)
         if config.pressure is not None:
             nursery.start_soon(
-                pressure.watch, ops.volume, MemoryProbe(), config.pressure, ops.flush_stale
+                pressure.watch, ops.volume, MemoryProbe(), config.pressure, ops.finish_purges
             )
         await pyfuse3.main(min_tasks=1, max_tasks=config.workers)
         nursery.cancel_scope.cancel()

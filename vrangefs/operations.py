@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -93,9 +93,9 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.volume = volume
         self._on_init = on_init
-        self._invalidate_queue: deque[tuple[int, PurgeLock | None]] = deque()
-        self._invalidate_wakeup: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
         self._reinvalidate: set[int] = set()
+        self._writing: Counter[int] = Counter()  # inodes with a WRITE in our hands
         self.invalidations = 0
         self.invalidation_max_s = 0.0
 
@@ -124,28 +124,37 @@ class Operations(pyfuse3.Operations):
         attr.st_ctime_ns = inode.ctime_ns
         return attr
 
-    def flush_stale(self) -> None:
+    def flush_stale(self) -> list[int]:
         """Start invalidating the kernel's cache of every inode a purge just touched.
 
         Called right after any volume call that may purge, with no await in
         between, so each purged inode's ``vrange_root`` lock is taken in the
-        same atomic step as the purge.  The invalidator task releases it once
-        the kernel has dropped the inode's cached pages; requests that must not
-        race a purge (marking non-volatile, reading ``user.vrange.purged``)
-        wait for that first.  Write handlers never wait for an invalidation:
-        the kernel keeps the pages of an in-flight write locked, so waiting on
-        our own (or another writer's) inode could deadlock.
+        same atomic step as the purge.  Each invalidation runs as its own task
+        (one may block on pages the kernel holds locked while another proceeds)
+        and releases the lock once the kernel has dropped the inode's cached
+        pages.  Returns the inodes purged.
         """
-        for ino in self.volume.take_stale():
+        purged = list(self.volume.take_stale())
+        for ino in purged:
             root = self.volume.vroot_of(ino)
             if root is not None and root.lock.locked():
-                self._reinvalidate.add(ino)  # under way: the invalidator repeats it
+                self._reinvalidate.add(ino)  # under way: that task repeats it
                 continue
-            if root is not None:
-                root.lock.acquire_nowait()
-            self._invalidate_queue.append((ino, root.lock if root is not None else None))
-        if self._invalidate_queue and self._invalidate_wakeup is not None:
-            self._invalidate_wakeup.set()
+            lock = root.lock if root is not None else None
+            if lock is not None:
+                lock.acquire_nowait()
+            if self._nursery is None:  # not serving (the adapter driven directly)
+                if lock is not None:
+                    lock.release()
+                continue
+            self._nursery.start_soon(self._invalidate, ino, lock)
+        return purged
+
+    async def finish_purges(self) -> None:
+        """After a purge outside any request (memory pressure): wait until the kernel
+        holds no purged page any more."""
+        for ino in self.flush_stale():
+            await self.settled(ino)
 
     async def settled(self, ino: int) -> None:
         """Wait until no purge of *ino* is still visible in the kernel's cache."""
@@ -153,25 +162,28 @@ class Operations(pyfuse3.Operations):
         if root is not None:
             await root.lock.wait_released()
 
+    async def _invalidate(self, ino: int, lock: PurgeLock | None) -> None:
+        started = time.monotonic()
+        try:
+            while True:
+                self._reinvalidate.discard(ino)
+                await trio.to_thread.run_sync(_invalidate_inode, ino)
+                if ino not in self._reinvalidate:
+                    break
+        finally:
+            if lock is not None:
+                lock.release()
+        self.invalidations += 1
+        self.invalidation_max_s = max(self.invalidation_max_s, time.monotonic() - started)
+
     async def run_invalidator(self) -> None:
-        """Serve invalidation requests until cancelled (a task of the daemon's nursery)."""
-        while True:
-            self._invalidate_wakeup = trio.Event()
-            if not self._invalidate_queue:
-                await self._invalidate_wakeup.wait()
-            ino, lock = self._invalidate_queue.popleft()
-            started = time.monotonic()
+        """Host the invalidation tasks until cancelled (a task of the daemon's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             try:
-                while True:
-                    self._reinvalidate.discard(ino)
-                    await trio.to_thread.run_sync(_invalidate_inode, ino)
-                    if ino not in self._reinvalidate:
-                        break
+                await trio.sleep_forever()
             finally:
-                if lock is not None:
-                    lock.release()
-            self.invalidations += 1
-            self.invalidation_max_s = max(self.invalidation_max_s, time.monotonic() - started)
+                self._nursery = None
 
     # -- lookups and attributes ---------------------------------------------------
     @_handler
@@ -311,9 +323,26 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        written = self.volume.write(fh, off, buf)
-        self.flush_stale()
-        return written
+        """Store data; if that purged other files, return once their cache is dropped.
+
+        The kernel keeps the pages of an in-flight WRITE locked until we reply,
+        and dropping an inode's cache waits for those locks.  So a write never
+        waits for an inode that has a WRITE in our hands (its own included, or
+        two writers purging each other's files would deadlock); those are
+        invalidated in the background, the others before the reply.
+        """
+        self._writing[fh] += 1
+        try:
+            written = self.volume.write(fh, off, buf)
+            purged = self.flush_stale()
+            for ino in purged:
+                if not self._writing[ino]:
+                    await self.settled(ino)
+            return written
+        finally:
+            self._writing[fh] -= 1
+            if not self._writing[fh]:
+                del self._writing[fh]
 
     @_handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
@@ -362,7 +391,6 @@ class Operations(pyfuse3.Operations):
                     {
                         "invalidations": self.invalidations,
                         "invalidation_max_us": int(self.invalidation_max_s * 1e6),
-                        "invalidations_pending": len(self._invalidate_queue),
                     }
                 )
             return value

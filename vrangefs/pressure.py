@@ -20,7 +20,7 @@ import errno
 import logging
 import os
 import select
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -82,7 +82,7 @@ async def watch(
     volume: Volume,
     probe: MemoryProbe,
     config: PressureConfig,
-    after_purge: Callable[[], None],
+    after_purge: Callable[[], Awaitable[None]],
 ) -> None:
     """Run until cancelled: purge volatile units whenever available memory is short."""
     paths = []
@@ -113,7 +113,7 @@ async def relieve(
     volume: Volume,
     probe: MemoryProbe,
     config: PressureConfig,
-    after_purge: Callable[[], None],
+    after_purge: Callable[[], Awaitable[None]],
 ) -> int:
     """Purge until available memory is back above the threshold; returns pages freed."""
     total = 0
@@ -124,7 +124,7 @@ async def relieve(
         wanted = config.min_free + config.min_free // 4 - available
         pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
         freed = volume.purge_for_pressure(pages)
-        after_purge()
+        await after_purge()
         total += freed
         log.info(
             "memory pressure: %d bytes available, purged %d bytes", available, freed * PAGE_SIZE

@@ -16,8 +16,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import wait_until
 from tests.integration.conftest import Mount, Mounter, errno_of
 from tests.integration.vrange_helpers import (
@@ -217,12 +215,6 @@ def test_purge_order_follows_the_latest_mark_and_split_pieces_keep_their_place(
     assert c.read_bytes() == c_content
 
 
-@pytest.mark.xfail(
-    reason="the contract says no reader sees the old bytes after a purge, but a purge made "
-    "by a write is invalidated in the kernel's cache only after the write has returned: for "
-    "about 5-20 ms here a reader that had the file cached still reads the purged bytes",
-    strict=True,
-)
 def test_cached_reader_never_sees_old_bytes_right_after_an_evicting_write(
     mounter: Mounter,
 ) -> None:
