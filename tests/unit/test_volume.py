@@ -61,6 +61,11 @@ def used(vol: Volume) -> int:
     return vol.store.used_pages
 
 
+def forget(vol: Volume, inode: Inode) -> None:
+    """The kernel drops its references, as it does soon after an inode is unlinked and closed."""
+    vol.forget(inode.ino, inode.lookups)
+
+
 # -- link counts ------------------------------------------------------------------------
 def test_file_link_counts(vol: Volume) -> None:
     f = mkfile(vol, ROOT_INO, b"a", b"x" * PAGE_SIZE)
@@ -78,6 +83,7 @@ def test_file_link_counts(vol: Volume) -> None:
     assert used(vol) == 1
     vol.unlink(d.ino, b"b")
     assert f.nlink == 0
+    forget(vol, f)
     assert used(vol) == 0
     vol.check_invariants()
 
@@ -124,6 +130,7 @@ def test_rename_file_over_file_frees_the_old_one(vol: Volume) -> None:
     assert child(vol, ROOT_INO, b"src") is None
     assert child(vol, ROOT_INO, b"dst") == src.ino
     assert dst.nlink == 0
+    forget(vol, dst)
     assert used(vol) == 1  # the replaced file's data is gone
     vol.check_invariants()
 
@@ -136,6 +143,7 @@ def test_rename_over_an_open_file_keeps_its_data_until_release(vol: Volume) -> N
     assert bytes(vol.read(dst.ino, 0, 100)) == b"d" * 100
     assert used(vol) == 2
     vol.release(dst.ino)
+    forget(vol, dst)
     assert used(vol) == 1
 
 
@@ -238,9 +246,9 @@ def test_unlinked_open_file_keeps_data_until_release(vol: Volume) -> None:
     assert used(vol) == 4
     vol.check_invariants()
     vol.release(f.ino)
-    assert used(vol) == 0
     assert vol.inodes.get(f.ino) is f  # the kernel still knows it
-    vol.forget(f.ino, f.lookups)
+    forget(vol, f)
+    assert used(vol) == 0
     assert vol.inodes.get(f.ino) is None
     assert err(lambda: vol.inode(f.ino)) == errno.ESTALE
 
@@ -253,6 +261,25 @@ def test_two_opens_keep_data_until_the_last_release(vol: Volume) -> None:
     vol.release(f.ino)
     assert bytes(vol.read(f.ino, 0, 10)) == b"z" * 10
     vol.release(f.ino)
+    forget(vol, f)
+    assert used(vol) == 0
+
+
+@pytest.mark.xfail(
+    reason="Volume._release_if_dead frees the data at the last unlink or close although the "
+    "kernel still holds a lookup and may OPEN the inode again (an open racing an unlink); "
+    "pyfuse3's rule is to free on the last forget/release",
+    strict=True,
+)
+def test_unlinked_file_still_known_to_the_kernel_keeps_its_data(vol: Volume) -> None:
+    f = mkfile(vol, ROOT_INO, b"f", b"kept" * 1000)
+    assert f.lookups > 0
+    vol.unlink(ROOT_INO, b"f")
+    vol.open(f.ino)  # the kernel looked the name up before the unlink
+    assert bytes(vol.read(f.ino, 0, 4)) == b"kept"
+    assert f.size == 4000
+    vol.release(f.ino)
+    forget(vol, f)
     assert used(vol) == 0
 
 
@@ -305,6 +332,7 @@ def test_enospc_keeps_existing_data(vol: Volume) -> None:
     assert vol.statfs().blocks_free == 0
     vol.release(g.ino)
     vol.unlink(ROOT_INO, b"f")
+    forget(vol, f)
     assert vol.statfs().blocks_free == CAP_PAGES - 2
 
 
