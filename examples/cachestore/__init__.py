@@ -13,8 +13,18 @@ from examples.cachestore.store import (
     CacheStore,
     Counters,
     Usage,
+    fstype_of,
     key_of,
     mount_root,
 )
 
-__all__ = ["BadKeyError", "CacheStats", "CacheStore", "Counters", "Usage", "key_of", "mount_root"]
+__all__ = [
+    "BadKeyError",
+    "CacheStats",
+    "CacheStore",
+    "Counters",
+    "Usage",
+    "fstype_of",
+    "key_of",
+    "mount_root",
+]

@@ -128,12 +128,34 @@ def mount_root(path: StrPath) -> Path:
     return p
 
 
+def fstype_of(mountpoint: StrPath) -> str | None:
+    """The type of the filesystem mounted at *mountpoint* (``fuse.vrangefs``, ``tmpfs``, ...).
+
+    Read afresh from /proc/self/mountinfo, matching the mount point and its current device
+    number.  Not ``vrangefs.client``'s check: that one caches the answer by device number, and
+    the kernel hands a freed anonymous device number to the next mount, so after a vrangefs
+    mount goes away a tmpfs mounted next could pass for vrangefs in the same process.
+    """
+    path = os.path.realpath(mountpoint)
+    st = os.stat(path)
+    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            if fields[2] == device and point == path:
+                found = fields[fields.index("-") + 1]  # the last one is on top
+    return found
+
+
 class CacheStore:
     """A content-addressed cache of byte strings under *root*.
 
-    *volatile*: ``None`` (default) detects whether *root* is on vrangefs once, here; ``True``
-    insists (:class:`vrangefs.client.NotVrangefsError` otherwise); ``False`` stores plain
-    files even on vrangefs (then the cache fills up like any other directory).  *fsync*
+    *volatile*: ``None`` (default) detects whether *root* is on vrangefs once, here (from the
+    mount table, see :func:`fstype_of`); ``True`` insists (``NotVrangefsError`` otherwise);
+    ``False`` stores plain files even on vrangefs, which then fills up like any other
+    directory and calls nothing of vrangefs.  *fsync*
     flushes each object before publishing it (pointless on an in-memory filesystem; there for
     disks).  One instance is not thread-safe; processes may share the directory freely.
     """
@@ -146,12 +168,8 @@ class CacheStore:
         self.mount = mount_root(self.root)
         self.fsync = fsync
         if volatile is None:
-            try:
-                client.stats(self.mount)
-                volatile = True
-            except client.NotVrangefsError:
-                volatile = False
-        elif volatile:
+            volatile = fstype_of(self.mount) == client.FUSE_FSTYPE
+        if volatile:
             client.stats(self.mount)  # raises NotVrangefsError elsewhere
         self.volatile: bool = volatile
         self.counters = Counters()
