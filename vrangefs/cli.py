@@ -388,12 +388,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _running(pid: int) -> bool:
+    """True while *pid* runs; an exited process its parent has not reaped yet counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def _wait_for_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return
         time.sleep(0.02)
     log.warning("daemon %d still running %.0fs after unmount", pid, timeout)

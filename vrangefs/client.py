@@ -25,7 +25,6 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 from vrangefs import protocol
 from vrangefs.pagestore import PAGE_SIZE
@@ -43,8 +42,12 @@ class NotVrangefsError(OSError):
     """The file is not on a vrangefs mount."""
 
 
-@lru_cache(maxsize=256)
 def _fstype_of_dev(dev: int) -> str | None:
+    """The type of the filesystem mounted as *dev*, read afresh each time.
+
+    Not cached: the kernel hands a freed device number to the next mount, so a
+    cached answer could take a later tmpfs for an earlier vrangefs.
+    """
     wanted = f"{os.major(dev)}:{os.minor(dev)}"
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -162,6 +165,12 @@ def pinned(target: Target, offset: int = 0, length: int = 0) -> Iterator[Pin]:
     The yielded :class:`Pin` tells whether the content survived.  Rewrite
     purged pages inside the block if you want them back: a write makes a
     purged page data again.
+
+    Volatility belongs to the inode and pins are not counted: if two processes
+    pin the same range, the first to leave makes it volatile again under the
+    other, as with the kernel proposal's fvrange().  Processes sharing objects
+    need their own count, e.g. shared flocks with the last one out marking
+    (examples/cachestore does that).
     """
     pin = Pin(mark_nonvolatile(target, offset, length))
     try:

@@ -167,20 +167,19 @@ class Volume:
         self._release_if_dead(inode)
 
     def _release_if_dead(self, inode: Inode) -> None:
-        """Free what nobody can reach any more.
+        """Free an inode nothing refers to any more: no name, no open file, no kernel lookup.
 
-        Data goes as soon as no name and no open file refer to it (nothing can
-        read it then; an mmap holds the file open), as tmpfs frees it on the
-        last unlink or close.  The inode itself lives on until the kernel
-        forgets it, so late requests find it.
+        Data is not freed at the last unlink or close while the kernel still
+        knows the inode (pyfuse3's gotcha): an open() that looked the name up
+        before an unlink reaches us afterwards and must find the data, as on
+        tmpfs.  The kernel forgets an unlinked inode promptly.
         """
-        if inode.nlink > 0 or inode.opens > 0 or inode.ino == ROOT_INO:
+        if inode.alive or inode.ino == ROOT_INO:
             return
-        if inode.data is not None and (inode.data.resident_pages or inode.data.size):
+        if inode.data is not None:
             inode.data.free()
         self.drop_volatility(inode)
-        if inode.lookups == 0:
-            self.inodes.remove(inode.ino)
+        self.inodes.remove(inode.ino)
 
     def drop_volatility(self, inode: Inode) -> None:
         """Forget an inode's volatile ranges (it is being freed)."""
@@ -381,7 +380,8 @@ class Volume:
         inode = self.inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
-        if flags & os.O_TRUNC and inode.data is not None and (flags & os.O_ACCMODE) != os.O_RDONLY:
+        # The kernel has already checked write permission for O_TRUNC, whatever the access mode.
+        if flags & os.O_TRUNC and inode.data is not None:
             if inode.data.size:
                 self.truncate(inode, 0)
             inode.touch(mtime=True, ctime=True)

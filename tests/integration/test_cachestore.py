@@ -339,14 +339,6 @@ def test_a_corrupt_object_is_a_miss_and_is_removed(plain: CacheStore) -> None:
 
 
 # -- a vrangefs bug the store runs into ---------------------------------------------------
-@pytest.mark.xfail(
-    reason="vrangefs bug: Volume._release_if_dead frees an inode's data at the last unlink "
-    "or close although the kernel still holds a lookup and may OPEN it afterwards (an open "
-    "that raced an unlink, or a reopen through /proc/self/fd); that open then finds an empty "
-    "file instead of the data (tmpfs keeps it) or ENOENT",
-    raises=AssertionError,
-    strict=True,
-)
 def test_vrangefs_reopen_after_unlink_keeps_the_data(work: Path) -> None:
     """An O_PATH descriptor holds a lookup but no open file; reopening it opens the inode.
 
@@ -370,14 +362,6 @@ def test_vrangefs_reopen_after_unlink_keeps_the_data(work: Path) -> None:
         os.close(handle)
 
 
-@pytest.mark.xfail(
-    reason="vrangefs bug: client._fstype_of_dev caches the filesystem type by st_dev "
-    "(lru_cache), and the kernel reuses a freed anonymous device number for the next mount, "
-    "so a tmpfs mounted after a vrangefs mount went away passes for vrangefs: the client "
-    "sets user.vrange.* as ordinary xattrs there instead of raising NotVrangefsError",
-    raises=pytest.fail.Exception,
-    strict=True,
-)
 def test_vrangefs_client_notices_another_filesystem_on_a_reused_device(
     mounter: Mounter,
 ) -> None:

@@ -118,12 +118,6 @@ def test_umount_stops_the_daemon(mounter: Mounter) -> None:
     assert mount.daemon.returncode in (0, None)  # None: not ours to know; the fixture checks
 
 
-@pytest.mark.xfail(
-    reason="vrangefs umount waits for the daemon with kill(pid, 0), which also succeeds on "
-    "a zombie: when the daemon's parent has not reaped it yet (a supervisor running "
-    "'vrangefs mount --foreground'), umount blocks 10 s and warns it is still running",
-    strict=True,
-)
 def test_umount_returns_when_a_foreground_daemon_exits_unreaped(mounter: Mounter) -> None:
     mount = mounter.foreground(["--memory-cap", "8M"])
     proc = mount.daemon.popen

@@ -19,8 +19,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import wait_until
 from tests.integration.conftest import Mount, errno_of
 
@@ -132,11 +130,6 @@ def test_o_trunc(work: Path) -> None:
     assert f.stat().st_ctime_ns > ctime0
 
 
-@pytest.mark.xfail(
-    reason="open(O_RDONLY | O_TRUNC) does not truncate; Linux (tmpfs) truncates when the "
-    "caller may write (Volume.open skips O_TRUNC for O_RDONLY)",
-    strict=True,
-)
 def test_o_rdonly_o_trunc_truncates_like_tmpfs(work: Path) -> None:
     f = work / "f"
     f.write_bytes(b"12345")
@@ -423,20 +416,6 @@ def test_read_updates_atime_by_relatime_rule(work: Path) -> None:
     f.read_bytes()  # atime is now newer than mtime and ctime, and recent: unchanged
     assert f.stat().st_atime_ns == atime
     assert f.stat().st_mtime_ns == OLD_NS + 1
-
-
-@pytest.mark.xfail(
-    reason="reads served from the kernel page cache never reach the daemon (FUSE inodes are "
-    "S_NOATIME), so atime is not updated although relatime requires it",
-    strict=True,
-)
-def test_cached_read_updates_atime_by_relatime_rule(work: Path) -> None:
-    f = work / "f"
-    f.write_bytes(b"c" * 2 * PAGE)
-    f.read_bytes()  # now the data is in the page cache
-    os.utime(f, ns=(OLD_NS, OLD_NS + 1))
-    f.read_bytes()
-    assert f.stat().st_atime_ns > OLD_NS + 1
 
 
 # -- permissions --------------------------------------------------------------------------

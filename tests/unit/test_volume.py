@@ -265,12 +265,6 @@ def test_two_opens_keep_data_until_the_last_release(vol: Volume) -> None:
     assert used(vol) == 0
 
 
-@pytest.mark.xfail(
-    reason="Volume._release_if_dead frees the data at the last unlink or close although the "
-    "kernel still holds a lookup and may OPEN the inode again (an open racing an unlink); "
-    "pyfuse3's rule is to free on the last forget/release",
-    strict=True,
-)
 def test_unlinked_file_still_known_to_the_kernel_keeps_its_data(vol: Volume) -> None:
     f = mkfile(vol, ROOT_INO, b"f", b"kept" * 1000)
     assert f.lookups > 0
