@@ -46,6 +46,7 @@ from vrange_util import (
     VOLATILE,
     BenchError,
     Session,
+    add_wait_quiet,
     config_of,
     fmt,
     in_child,
@@ -501,6 +502,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=Path(__file__).resolve().parent / "results" / "evict-4g",
         help="(c) writes OUT.json and OUT.png (default bench/results/evict-4g)",
     )
+    add_wait_quiet(parser)
     opts = parser.parse_args(argv)
     opts.parts = set(opts.parts.split(","))
     if not opts.parts <= {"a", "b", "c"}:
@@ -526,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         if "c" in opts.parts:
             streamed.append(part_c(session, opts))
 
-    meta = run_session("bench_evict.py", body)
+    meta = run_session("bench_evict.py", body, opts.wait_quiet)
     if meta is None:
         return 2
     doc: dict[str, Any] = {**meta, "config": config_of(opts)}

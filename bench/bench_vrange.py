@@ -40,6 +40,7 @@ from vrange_util import (
     VOLATILE,
     BenchError,
     Session,
+    add_wait_quiet,
     config_of,
     fmt,
     in_child,
@@ -239,6 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-ceiling", dest="ceiling", action="store_false")
     parser.add_argument("--json", type=Path, help="write every raw number here")
+    add_wait_quiet(parser)
     opts = parser.parse_args(argv)
     try:
         opts.units = sorted({int(u) for u in opts.units.split(",")})
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             shown = {k: v for k, v in res.items() if isinstance(v, float)}
             print("  " + ", ".join(f"{k}={fmt(v)}" for k, v in shown.items()), flush=True)
 
-    meta = run_session("bench_vrange.py", body)
+    meta = run_session("bench_vrange.py", body, opts.wait_quiet)
     if meta is None:
         return 2
     summary = report(runs, opts) if runs else {}

@@ -9,6 +9,7 @@ table printer.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import multiprocessing
@@ -54,6 +55,7 @@ __all__ = [
     "VOLATILE",
     "BenchError",
     "Session",
+    "add_wait_quiet",
     "busy",
     "config_of",
     "fmt",
@@ -200,16 +202,35 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> A
 
 
 def busy() -> list[str]:
-    """Other heavy processes (test runs, benchmarks) now: `pgrep -af "pytest|bench_"`."""
+    """Other heavy processes (test runs, benchmarks) now: `pgrep -af "pytest|bench_"`.
+
+    Our own process group (this benchmark and the children it forks) does not count.
+    """
     proc = subprocess.run(
         ["pgrep", "-af", "pytest|bench_"], capture_output=True, text=True, check=False
     )
-    mine = {os.getpid(), os.getppid()}
-    return [
-        line
-        for line in proc.stdout.splitlines()
-        if line.split()[0].isdigit() and int(line.split()[0]) not in mine and "pgrep" not in line
-    ]
+    ours = os.getpgid(0)
+    out = []
+    for line in proc.stdout.splitlines():
+        pid = int(line.split()[0])
+        try:
+            if pid == os.getpid() or os.getpgid(pid) == ours:
+                continue
+        except ProcessLookupError:
+            continue
+        out.append(line)
+    return out
+
+
+def add_wait_quiet(parser: argparse.ArgumentParser) -> None:
+    """The --wait-quiet option, for run_session()."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for other tests or benchmarks to end",
+    )
 
 
 def wait_quiet(deadline_s: float) -> list[str]:
@@ -222,26 +243,36 @@ def wait_quiet(deadline_s: float) -> list[str]:
     return others
 
 
-def preflight(script: str) -> list[str] | None:
-    """None (after saying why) unless root; else the heavy processes running now, if any."""
+def preflight(script: str, wait_quiet_s: float = 0) -> list[str] | None:
+    """None (after saying why) unless root; else the heavy processes running now, if any,
+    after waiting up to *wait_quiet_s* seconds for them to end."""
     if os.geteuid() != 0:
         print(f"{script} must run as root (it mounts)", file=sys.stderr)
         return None
     load = busy()
+    if load and wait_quiet_s > 0:
+        print(
+            f"waiting up to {wait_quiet_s:.0f} s for other tests or benchmarks to end", flush=True
+        )
+        load = wait_quiet(wait_quiet_s)
     if load:
         print("WARNING: other heavy processes run; numbers are taken under load:", flush=True)
         print("\n".join(f"  {line}" for line in load), flush=True)
     return load
 
 
-def run_session(script: str, body: Callable[[Session], None]) -> dict[str, Any] | None:
+def run_session(
+    script: str, body: Callable[[Session], None], wait_quiet_s: float = 0
+) -> dict[str, Any] | None:
     """Run ``body(session)`` and unmount everything after, however it ends.
+
+    First waits up to *wait_quiet_s* seconds for other tests or benchmarks to end.
 
     Returns None (after saying why) unless root; else ``error`` (None, or why the body
     stopped early: what it measured so far is kept by the body), ``load_before`` and
     ``load_during`` (other heavy processes seen at the start / every 5 s, see :func:`busy`).
     """
-    load_before = preflight(script)
+    load_before = preflight(script, wait_quiet_s)
     if load_before is None:
         return None
     seen: dict[str, None] = dict.fromkeys(load_before)
@@ -260,8 +291,8 @@ def run_session(script: str, body: Callable[[Session], None]) -> dict[str, Any] 
         stop.set()
         watcher.join()
     if seen:
-        print(f"NOTE: {len(seen)} other heavy process(es) ran during the benchmark:", flush=True)
-        print("\n".join(f"  {line[:150]}" for line in seen), flush=True)
+        print(f"NOTE: {len(seen)} other heavy process(es) ran during the benchmark, e.g.:")
+        print("\n".join(f"  {line[:120]}" for line in list(seen)[:5]), flush=True)
     return {"error": error, "load_before": load_before, "load_during": list(seen)}
 
 
