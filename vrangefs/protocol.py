@@ -166,12 +166,13 @@ def parse_size(text: str, total_ram: int | None = None) -> int:
 def format_ranges(ranges: Iterable[tuple[int, int]]) -> bytes:
     """Format (offset, length) pairs one ``OFFSET,LENGTH\\n`` line each, sorted by offset.
 
-    No ranges give empty bytes.
+    No ranges give empty bytes. Raises ValueError for a negative pair or one that reaches
+    past ``MAX_OFFSET`` (:func:`parse_ranges` would refuse it).
     """
     pairs = sorted(ranges)
     for offset, length in pairs:
-        if offset < 0 or length < 0:
-            raise ValueError(f"cannot format range ({offset}, {length}): negative")
+        if offset < 0 or length < 0 or offset + length > MAX_OFFSET:
+            raise ValueError(f"cannot format range ({offset}, {length}): negative or too large")
     return b"".join(b"%d,%d\n" % pair for pair in pairs)
 
 

@@ -300,11 +300,16 @@ def test_rounding_rejects_negatives() -> None:
 def test_format_ranges() -> None:
     assert format_ranges([]) == b""
     assert format_ranges([(8192, 4096), (0, 10)]) == b"0,10\n8192,4096\n"
-    with pytest.raises(ValueError, match="negative"):
-        format_ranges([(-1, 5)])
+    assert format_ranges([(MAX_OFFSET, 0), (1, MAX_OFFSET - 1)]) == b"1,%d\n%d,0\n" % (
+        MAX_OFFSET - 1,
+        MAX_OFFSET,
+    )
+    for bad in ([(-1, 5)], [(5, -1)], [(MAX_OFFSET, 1)]):
+        with pytest.raises(ValueError, match="negative or too large"):
+            format_ranges(bad)
 
 
-@given(st.lists(st.tuples(st.integers(0, 2**62), st.integers(0, 2**62))))
+@given(st.lists(st.tuples(st.integers(0, 2**62), st.integers(0, 2**62 - 1))))
 def test_ranges_round_trip(ranges: list[tuple[int, int]]) -> None:
     assert parse_ranges(format_ranges(ranges)) == sorted(ranges)
 
