@@ -1,0 +1,78 @@
+"""The code's shape: lint and types pass, and dependencies point one way.
+
+Only the adapter and the composition root may import pyfuse3, and only the
+vrange module may import intervaltree: everything below them is testable
+without FUSE and replaceable piece by piece.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "vrangefs"
+ALLOWED = {
+    "pyfuse3": {"operations.py", "mount.py"},
+    "intervaltree": {"vrange.py"},
+}
+# Lower layers must not import upper ones.
+LAYERS = ["pagestore", "vrange", "inodes", "volume", "control", "operations", "mount", "cli"]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "vrangefs":
+                found.update(f"vrangefs.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_only_the_allowed_modules_import(module: str) -> None:
+    importers = {
+        path.name
+        for path in PACKAGE.glob("*.py")
+        if any(name == module or name.startswith(module + ".") for name in _imports(path))
+    }
+    assert importers <= ALLOWED[module], f"{module} imported by {importers - ALLOWED[module]}"
+
+
+def test_layers_point_one_way() -> None:
+    for lower_index, lower in enumerate(LAYERS):
+        imports = _imports(PACKAGE / f"{lower}.py")
+        for upper in LAYERS[lower_index + 1 :]:
+            assert f"vrangefs.{upper}" not in imports, f"{lower} imports the upper layer {upper}"
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    found = str(path) if path.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed (pip install -e '.[test]')")
+    return found
+
+
+def test_ruff_passes() -> None:
+    result = subprocess.run(
+        [_tool("ruff"), "check", "."], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_mypy_passes() -> None:
+    result = subprocess.run(
+        [_tool("mypy")], cwd=REPO, capture_output=True, text=True, check=False, timeout=280
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
