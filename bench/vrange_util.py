@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -275,6 +276,7 @@ def run_session(
     load_before = preflight(script, wait_quiet_s)
     if load_before is None:
         return None
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unmounts too, as Ctrl-C does
     seen: dict[str, None] = dict.fromkeys(load_before)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_load, args=(seen, stop), daemon=True)
@@ -294,6 +296,10 @@ def run_session(
         print(f"NOTE: {len(seen)} other heavy process(es) ran during the benchmark, e.g.:")
         print("\n".join(f"  {line[:120]}" for line in list(seen)[:5]), flush=True)
     return {"error": error, "load_before": load_before, "load_during": list(seen)}
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _watch_load(seen: dict[str, None], stop: threading.Event) -> None:
