@@ -418,11 +418,17 @@ class Volume:
         try:
             written = data.write(off, buf, self.high_pages)
         except NoSpaceError as e:
-            self.reclaim(e.needed)
-            try:
-                written = data.write(off, buf)
-            except NoSpaceError as e2:
-                raise FsError(errno.ENOSPC, f"inode {ino}: {e2}") from None
+            needed = e.needed
+            while True:
+                # Purging may free pages of this very write's range, which it must then
+                # allocate again: retry until it fits or nothing volatile is left.
+                if not self.reclaim(needed) and self.store.free_pages < needed:
+                    raise FsError(errno.ENOSPC, f"inode {ino}: {e}") from None
+                try:
+                    written = data.write(off, buf)
+                    break
+                except NoSpaceError as again:
+                    needed = again.needed
         root = inode.vroot
         if root is not None and len(root) and written:
             # Written pages of a purged unit hold data again: it must be purgeable again.

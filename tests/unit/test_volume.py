@@ -389,3 +389,30 @@ def test_readdir_while_removing_never_repeats(vol: Volume) -> None:
     assert len(stable) >= 100
     assert stable <= set(seen)
     vol.check_invariants()
+
+
+# -- eviction at the cap ------------------------------------------------------------------
+def test_write_that_purges_its_own_range_retries_until_it_fits() -> None:
+    """Purging the writer's own volatile unit frees pages the write must allocate again."""
+    vol = Volume(PageStore(16 * PAGE_SIZE), low_watermark=1.0)
+    f = mkfile(vol, ROOT_INO, b"f", b"a" * 12 * PAGE_SIZE)
+    vol.mark_volatile(f.ino, 8 * PAGE_SIZE, 4 * PAGE_SIZE)  # oldest unit: f's pages 8..11
+    g = mkfile(vol, ROOT_INO, b"g", b"g" * 4 * PAGE_SIZE)
+    vol.mark_volatile(g.ino, 0, 0)  # the cap is full now
+    # Rewriting f's pages 8..15 needs 4 new pages; purging f's unit frees 4 but makes pages
+    # 8..11 new too, so g's unit must go as well.
+    assert vol.write(f.ino, 8 * PAGE_SIZE, b"b" * 8 * PAGE_SIZE) == 8 * PAGE_SIZE
+    assert bytes(vol.read(f.ino, 0, 16 * PAGE_SIZE)) == b"a" * 8 * PAGE_SIZE + b"b" * 8 * PAGE_SIZE
+    assert vol.purged_ranges(g.ino) == [(0, 4 * PAGE_SIZE)]
+    assert vol.purge_events == 2
+    vol.check_invariants()
+
+
+def test_write_past_the_cap_with_nothing_volatile_is_enospc_and_changes_nothing() -> None:
+    vol = Volume(PageStore(8 * PAGE_SIZE))
+    f = mkfile(vol, ROOT_INO, b"f", b"a" * 6 * PAGE_SIZE)
+    vol.mark_volatile(f.ino, 0, PAGE_SIZE)  # one volatile page: not enough to help
+    assert err(lambda: vol.write(f.ino, 6 * PAGE_SIZE, b"b" * 4 * PAGE_SIZE)) == errno.ENOSPC
+    assert vol.inode(f.ino).size == 6 * PAGE_SIZE
+    assert bytes(vol.read(f.ino, PAGE_SIZE, 5 * PAGE_SIZE)) == b"a" * 5 * PAGE_SIZE
+    vol.check_invariants()
