@@ -1,0 +1,1450 @@
+"""Concurrent stress test of a vrangefs mount against an exact model of what must survive.
+
+Usage::
+
+    python tools/stress.py MOUNTPOINT [--procs 8] [--seconds 600] [--seed S] [--files 16]
+    python tools/stress.py --mount-fresh [--memory-cap 64M] [--procs 8] [--seconds 600] ...
+
+``--mount-fresh`` mounts a vrangefs of its own in a temporary directory (``vrangefs mount``
+with ``--memory-cap``) and always unmounts it, on success, failure or Ctrl-C; its daemon log
+is checked for errors. Otherwise the run works in a new directory ``stress-PID`` under
+MOUNTPOINT and removes it at the end. The seed is printed first; ``--seed`` repeats a run's
+choices (not its timing: the processes race each other for real). ``--json FILE`` writes the
+summary as JSON as well. Exit status: 0 if no corruption and no unexpected error, 1 otherwise,
+2 for bad arguments.
+
+What it does. ``--procs`` worker processes run for ``--seconds`` seconds. Each worker *owns*
+its own directory and the files in it (``--files`` is the total, shared out among the owners):
+only the owner creates, writes (``pwrite`` and ``mmap`` stores), truncates, renames, unlinks
+and marks ranges of them volatile or non-volatile. Every worker also reads everybody's files
+(``pread`` and ``mmap`` loads in a forked child, which may die of SIGBUS), purges everything
+(``user.vrange.purge``), and reads the statistics. Purges -- explicit, by the memory cap when
+writes need room, by memory pressure -- are the only thing that changes a file behind its
+owner's back, and they touch only volatile pages. So each owner keeps an *exact* model of its
+files, page by page:
+
+- the expected bytes, and for each page: resident (written) or a hole, volatile or not, known
+  to be purged, or unknown (a partial write into a page that may have been purged: the
+  filesystem zero-fills a purged page's unwritten bytes);
+- a page that is non-volatile and not purged is *guaranteed*: reading it must give exactly the
+  expected bytes, never EIO; a known purged page must read EIO (SIGBUS through mmap) until it
+  is written; a volatile resident page may give either, but never other bytes;
+- marking non-volatile and then reading ``user.vrange.purged`` (race-free by the contract)
+  settles the volatile pages of the range: listed ones are purged, the others intact. A
+  listed page that the model holds guaranteed is lost data; a known purged page no longer
+  listed was revived without a write. ``user.vrange.volatile`` must list exactly the model's
+  volatile pages.
+
+File content is self-describing: every 64-byte block is a 16-byte header (magic, file id,
+block index, write generation) repeated four times; holes and zero-filled tails are zeros.
+Writes, truncates and marks use multiples of 64 bytes, biased to page and 1 MiB boundaries.
+Readers of *other* owners' files cannot know the model; they check that every block they
+get is zeros or a block of that very file (its id is the ``user.stress.fid`` xattr, read from
+the same descriptor) at that very position. A block that fails is re-read: a read racing the
+owner's write may legitimately see a page half old, half new (that is counted as ``torn``);
+a block that still fails is corruption.
+
+Counted and printed at the end: operations by kind, errors by operation and errno (expected
+ones: ENOSPC on writes, EIO and SIGBUS where a page may be purged, ENOENT for a file its
+owner just renamed or removed), corruptions (must be 0), unexpected errors, the daemon's RSS
+and the mount's statistics. Each corruption is reported with its worker's last operations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import faulthandler
+import json
+import mmap
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+from typing import Any
+
+PAGE = 4096
+BLOCK = 64
+CHUNK = 1 << 20
+MAGIC = b"VRS1"
+HEADER = struct.Struct("<4sIII")  # magic, file id, block index, generation
+ZERO_HEADER = bytes(HEADER.size)
+READ_MAX = 256 * 1024
+
+FID_XATTR = "user.stress.fid"
+VOLATILE = "user.vrange.volatile"
+NONVOLATILE = "user.vrange.nonvolatile"
+PURGED = "user.vrange.purged"
+STATS = "user.vrange.stats"
+PURGE = "user.vrange.purge"
+
+MOUNT_TIMEOUT = 60.0
+HANG_SECONDS = 120.0
+_LOG_PROBLEM = re.compile(r" (ERROR|CRITICAL): |Traceback \(most recent call last\)")
+
+# Weights of the operations a worker picks from.
+OPS: dict[str, float] = {
+    "create": 3,
+    "write": 22,
+    "read": 12,
+    "truncate": 3,
+    "rename": 3,
+    "unlink": 1,
+    "reopen": 2,
+    "volatile": 12,
+    "nonvolatile": 10,
+    "purged": 4,
+    "volatile_list": 3,
+    "mmap_write": 4,
+    "mmap_read": 4,
+    "foreign_read": 14,
+    "foreign_mmap": 4,
+    "regenerate": 10,
+    "purge_all": 0.05,
+    "stats": 1,
+}
+
+
+# -- content ----------------------------------------------------------------------------
+def pattern(fid: int, gen: int, off: int, length: int) -> bytes:
+    """The bytes a write of generation *gen* puts at [off, off + length) of file *fid*.
+
+    *off* and *length* are multiples of BLOCK: each block is its header four times.
+    """
+    first = off // BLOCK
+    pack = HEADER.pack
+    return b"".join([pack(MAGIC, fid, i, gen) * 4 for i in range(first, first + length // BLOCK)])
+
+
+def describe_block(block: bytes) -> str:
+    """What a block holds, for reports: zeros, a block of (file, index, generation), garbage."""
+    if not any(block):
+        return "zeros"
+    header = block[: HEADER.size]
+    if len(header) == HEADER.size and header[:4] == MAGIC:
+        _, fid, index, gen = HEADER.unpack(header)
+        whole = block == (header * 4)[: len(block)]
+        return f"fid={fid:#x} block={index} gen={gen}" + ("" if whole else " (torn block)")
+    return f"garbage {block[:16].hex()}..."
+
+
+def bad_block(buf: bytes, off: int, fid: int) -> int | None:
+    """The offset of the first block of *buf* (read at *off*) that is not zeros or a block
+    of file *fid* at its own position; None if every block is fine.
+
+    *off* is a multiple of BLOCK; a final partial block is checked as far as it goes.
+    """
+    n = len(buf)
+    headers = [buf[i : i + HEADER.size] for i in range(0, n, BLOCK)]
+    expected = b"".join([h * 4 for h in headers])[:n]
+    if expected != buf:
+        for i, h in enumerate(headers):
+            a = i * BLOCK
+            if buf[a : a + BLOCK] != (h * 4)[: len(buf[a : a + BLOCK])]:
+                return off + a
+    first = off // BLOCK
+    for i, h in enumerate(headers):
+        if h == ZERO_HEADER or len(h) < HEADER.size:
+            if len(h) < HEADER.size and any(h):
+                return off + i * BLOCK
+            continue
+        magic, hfid, index, _ = HEADER.unpack(h)
+        if magic != MAGIC or hfid != fid or index != first + i:
+            return off + i * BLOCK
+    return None
+
+
+# -- the contract's page arithmetic ----------------------------------------------------------
+def pages_spanned(size: int) -> int:
+    return -(-size // PAGE)
+
+
+def volatile_pages(off: int, length: int, size: int) -> range:
+    """Pages a volatile mark covers: clipped to *size*, rounded inward, the page holding the
+    end of the file counting as whole when the range reaches it."""
+    reaches_eof = length == 0 or off + length >= size
+    end = size if reaches_eof else off + length
+    if off >= end:
+        return range(0)
+    first = pages_spanned(off)
+    last = pages_spanned(end) if reaches_eof else end // PAGE
+    return range(first, max(first, last))
+
+
+def nonvolatile_pages(off: int, length: int, size: int) -> range:
+    """Pages a non-volatile mark covers: clipped to *size*, rounded outward."""
+    end = size if length == 0 or off + length >= size else off + length
+    if off >= end:
+        return range(0)
+    return range(off // PAGE, pages_spanned(end))
+
+
+def parse_ranges(value: bytes) -> list[tuple[int, int]]:
+    out = []
+    for line in value.decode().splitlines():
+        offset, length = line.split(",")
+        out.append((int(offset), int(length)))
+    return out
+
+
+def pages_of(ranges: Sequence[tuple[int, int]]) -> set[int]:
+    pages: set[int] = set()
+    for offset, length in ranges:
+        pages.update(range(offset // PAGE, pages_spanned(offset + length)))
+    return pages
+
+
+def runs(pages: Iterable[int]) -> str:
+    """Page numbers as compact runs: ``3-5,9``."""
+    out: list[list[int]] = []
+    for p in sorted(pages):
+        if out and out[-1][1] == p - 1:
+            out[-1][1] = p
+        else:
+            out.append([p, p])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+# -- mounts -----------------------------------------------------------------------------------
+def vrangefs_command() -> list[str]:
+    cli = Path(sys.executable).with_name("vrangefs")
+    return [str(cli)] if cli.exists() else [sys.executable, "-m", "vrangefs"]
+
+
+def read_stats(mountpoint: Path) -> dict[str, int]:
+    """The integer ``key=value`` lines of the mount's ``user.vrange.stats``."""
+    out = {}
+    for line in os.getxattr(mountpoint, STATS).decode().splitlines():
+        key, _, value = line.partition("=")
+        if value.lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process in bytes (empty if it is gone)."""
+    out = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+@contextlib.contextmanager
+def fresh_mount(
+    memory_cap: str, extra: Sequence[str] = (), label: str = "vrangefs"
+) -> Iterator[Path]:
+    """Mount a vrangefs of our own in a temporary directory; always unmount it.
+
+    On the way out the daemon's log is checked: errors in it raise RuntimeError (after the
+    unmount), so a run that passed its own checks still fails if the daemon complained.
+    """
+    base = Path(tempfile.mkdtemp(prefix=f"{label}-"))
+    mountpoint = base / "mnt"
+    mountpoint.mkdir()
+    log = base / "daemon.log"
+    cmd = [*vrangefs_command(), "mount", str(mountpoint), "--memory-cap", memory_cap]
+    result = subprocess.run(
+        [*cmd, "--log-file", str(log), *extra],
+        capture_output=True,
+        text=True,
+        timeout=MOUNT_TIMEOUT,
+        check=False,
+    )
+    if result.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        raise RuntimeError(f"vrangefs mount failed: {result.stderr.strip()}")
+    print(f"mounted vrangefs at {mountpoint} (--memory-cap {memory_cap} {' '.join(extra)})")
+    problem = ""
+    try:
+        yield mountpoint
+    finally:
+        pid = None
+        with contextlib.suppress(OSError):
+            pid = read_stats(mountpoint).get("pid")
+        umount = subprocess.run(
+            [*vrangefs_command(), "umount", str(mountpoint)],
+            capture_output=True,
+            text=True,
+            timeout=MOUNT_TIMEOUT,
+            check=False,
+        )
+        if _mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+            problem += f"vrangefs umount failed ({umount.stderr.strip()}); lazily unmounted\n"
+        deadline = time.monotonic() + 15
+        while pid is not None and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if _LOG_PROBLEM.search(text):
+            kept = Path(tempfile.mkdtemp(prefix=f"{label}-log-")) / "daemon.log"
+            shutil.copy(log, kept)
+            problem += f"the daemon logged errors (log kept at {kept}):\n{text[-3000:]}"
+        shutil.rmtree(base, ignore_errors=True)
+    if problem:
+        raise RuntimeError(problem)
+
+
+# -- forked mmap children ---------------------------------------------------------------------
+@dataclass
+class ChildResult:
+    data: bytes
+    signal: int | None  # the signal that killed the child (SIGBUS), if any
+    status: int | None  # its exit status otherwise
+
+    @property
+    def ok(self) -> bool:
+        return self.signal is None and self.status == 0
+
+
+def in_child(body: Callable[[int], None]) -> ChildResult:
+    """Run *body(write_fd)* in a forked child that may die of SIGBUS; collect what it sent.
+
+    Exit status 0: body returned; 3: ValueError (mmap length past the end: raced a
+    truncate); 4: OSError; 5: anything else.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 5
+        try:
+            os.close(r)
+            signal.signal(signal.SIGBUS, signal.SIG_DFL)
+            body(w)
+            code = 0
+        except ValueError:
+            code = 3
+        except OSError:
+            code = 4
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        piece = os.read(r, 1 << 16)
+        if not piece:
+            break
+        chunks.append(piece)
+    os.close(r)
+    _, wstatus = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(wstatus):
+        return ChildResult(b"".join(chunks), os.WTERMSIG(wstatus), None)
+    return ChildResult(b"".join(chunks), None, os.WEXITSTATUS(wstatus))
+
+
+def mmap_load(fd: int, offset: int, length: int) -> ChildResult:
+    """Load [offset, offset + length) of *fd* through a shared mapping, page by page.
+
+    *offset* is page-aligned. The child sends each page as it reads it, so a SIGBUS leaves
+    the pages before the failing one in ``data``.
+    """
+
+    def body(w: int) -> None:
+        with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset) as m:
+            for a in range(0, length, PAGE):
+                os.write(w, m[a : a + PAGE])
+
+    return in_child(body)
+
+
+def mmap_store(fd: int, offset: int, length: int, at: int, data: bytes) -> ChildResult:
+    """Store *data* at byte *at* of a shared mapping of [offset, offset + length); msync."""
+
+    def body(_w: int) -> None:
+        with mmap.mmap(fd, length, mmap.MAP_SHARED, offset=offset) as m:
+            m[at - offset : at - offset + len(data)] = data
+            m.flush()
+
+    return in_child(body)
+
+
+# -- the model of one owned file ---------------------------------------------------------------
+@dataclass
+class Owned:
+    """A file its owner has open, and what must be in it."""
+
+    fid: int
+    name: str
+    fd: int
+    data: bytearray = field(default_factory=bytearray)
+    resident: bytearray = field(default_factory=bytearray)  # per page: written, not a hole
+    vol: bytearray = field(default_factory=bytearray)  # per page: in a volatile range
+    purged: bytearray = field(default_factory=bytearray)  # per page: known to be purged
+    unknown: bytearray = field(default_factory=bytearray)  # per page: content not known
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    @property
+    def npages(self) -> int:
+        return len(self.vol)
+
+    def resize(self, size: int) -> None:
+        """Truncate or extend (with zeros; new pages are holes) the model."""
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+        n = pages_spanned(size)
+        for arr in (self.resident, self.vol, self.purged, self.unknown):
+            if len(arr) > n:
+                del arr[n:]
+            else:
+                arr.extend(bytes(n - len(arr)))
+
+    def uncertain(self, p: int) -> bool:
+        """Page p may or may not have been purged (so its content after a partial write is
+        not known)."""
+        return bool(self.unknown[p] or (self.vol[p] and self.resident[p] and not self.purged[p]))
+
+    def may_fail(self, p: int) -> bool:
+        """Reading page p may give EIO."""
+        return bool(self.purged[p]) or self.uncertain(p)
+
+    def guaranteed(self, p: int) -> bool:
+        """Page p must read back exactly (non-volatile, or a hole, and not purged)."""
+        return not self.may_fail(p)
+
+    def nonvolatile_resident(self) -> int:
+        return sum(
+            1
+            for r, v, pu in zip(self.resident, self.vol, self.purged, strict=True)
+            if r and not v and not pu
+        )
+
+    def apply_write(self, off: int, data: bytes) -> None:
+        """Record that *data* was written at *off*."""
+        end = off + len(data)
+        old_size = self.size
+        if end > old_size:
+            self.resize(end)
+        self.data[off:end] = data
+        for p in range(off // PAGE, pages_spanned(end)):
+            start = p * PAGE
+            kept_head = min(off, old_size) > start
+            kept_tail = min(start + PAGE, old_size) > end
+            if (kept_head or kept_tail) and self.uncertain(p):
+                self.unknown[p] = 1  # zero-filled if it was purged, old bytes if not
+            elif not kept_head and not kept_tail:
+                self.unknown[p] = 0
+            self.purged[p] = 0
+            self.resident[p] = 1
+
+    def set_purged(self, p: int) -> None:
+        self.purged[p] = 1
+        self.unknown[p] = 0
+        a, b = p * PAGE, min((p + 1) * PAGE, self.size)
+        self.data[a:b] = bytes(b - a)  # a write makes it data again, the rest zeros
+
+
+# -- reports ---------------------------------------------------------------------------------
+@dataclass
+class Report:
+    ops: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # "op errno" -> count, expected ones
+    unexpected: list[str] = field(default_factory=list)
+    unexpected_count: int = 0
+    corruptions: list[str] = field(default_factory=list)
+    corruption_count: int = 0
+    notes: Counter[str] = field(default_factory=Counter)
+    latency_max: dict[str, float] = field(default_factory=dict)
+
+    def merge(self, other: Report) -> None:
+        self.ops.update(other.ops)
+        self.errors.update(other.errors)
+        self.unexpected += other.unexpected
+        self.unexpected_count += other.unexpected_count
+        self.corruptions += other.corruptions
+        self.corruption_count += other.corruption_count
+        self.notes.update(other.notes)
+        for kind, t in other.latency_max.items():
+            self.latency_max[kind] = max(self.latency_max.get(kind, 0.0), t)
+
+
+def errno_name(e: int | None) -> str:
+    return errno.errorcode.get(e or 0, str(e))
+
+
+class Unexpected(Exception):
+    """An operation failed in a way the contract does not allow (already reported)."""
+
+
+# -- a worker ------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    mountpoint: Path
+    root: Path
+    procs: int
+    seconds: float
+    seed: int
+    files: int
+    max_file_size: int
+    nonvolatile_budget: int  # bytes of non-volatile data each owner keeps at most
+    owner_target: int  # bytes of files each owner grows toward (volatile ones included)
+    progress_every: float = 30.0
+
+
+def on_a_file(
+    method: Callable[[Worker, Owned], bool],
+) -> Callable[[Worker], bool]:
+    """An operation on one of the worker's own files, picked at random (skipped if none)."""
+
+    def op(self: Worker) -> bool:
+        f = self.pick_file()
+        return False if f is None else method(self, f)
+
+    op.__name__ = method.__name__
+    op.__doc__ = method.__doc__
+    return op
+
+
+class Worker:
+    def __init__(self, cfg: Config, index: int, progress: Any, stop: Synchronized[int]) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.progress = progress
+        self.stop = stop
+        self.rng = random.Random(cfg.seed * 1000 + index)
+        self.dir = cfg.root / f"o{index}"
+        self.slots = cfg.files // cfg.procs + (1 if index < cfg.files % cfg.procs else 0)
+        self.files: dict[str, Owned] = {}
+        self.created = 0
+        self.gen = 0
+        self.report = Report()
+        self.log: deque[str] = deque(maxlen=30)
+        self.kinds = list(OPS)
+        self.weights = list(OPS.values())
+        self.budget_pages = max(cfg.nonvolatile_budget // PAGE, 16)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def note(self, text: str) -> None:
+        self.log.append(text)
+
+    def corrupt(self, what: str) -> None:
+        self.report.corruption_count += 1
+        if len(self.report.corruptions) < 20:
+            tail = "\n    ".join(self.log)
+            self.report.corruptions.append(
+                f"worker {self.index}: {what}\n  last operations:\n    {tail}"
+            )
+
+    def unexpected(self, op: str, e: BaseException) -> None:
+        self.report.unexpected_count += 1
+        if len(self.report.unexpected) < 20:
+            tail = "\n    ".join(self.log)
+            self.report.unexpected.append(
+                f"worker {self.index}: {op}: {e!r}\n  last operations:\n    {tail}"
+            )
+
+    def expected(self, op: str, code: int | None) -> None:
+        self.report.errors[f"{op} {errno_name(code)}"] += 1
+
+    def path(self, f: Owned) -> Path:
+        return self.dir / f.name
+
+    # -- choosing ranges --------------------------------------------------------------------
+    def pick_offset(self, size: int) -> int:
+        rng, limit = self.rng, self.cfg.max_file_size
+        r = rng.random()
+        if r < 0.25:
+            off = rng.randint(0, size // PAGE) * PAGE
+        elif r < 0.4:
+            off = rng.randint(1, max(limit // CHUNK, 1)) * CHUNK
+            off += rng.choice((-2 * PAGE, -PAGE, -BLOCK, 0, BLOCK, PAGE))
+        elif r < 0.55:
+            off = size
+        elif r < 0.6:
+            off = size + rng.randint(1, 8) * PAGE
+        else:
+            off = rng.randint(0, size // BLOCK) * BLOCK
+        return min(max(off, 0), limit - BLOCK) // BLOCK * BLOCK
+
+    def pick_length(self, off: int) -> int:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.3:
+            n = BLOCK * rng.randint(1, 63)
+        elif r < 0.6:
+            n = PAGE * rng.randint(1, 16)
+        elif r < 0.9:
+            n = PAGE * rng.randint(16, 256)
+        else:
+            n = CHUNK + PAGE * rng.randint(-4, 4)
+        return max(min(n, self.cfg.max_file_size - off), BLOCK)
+
+    def pick_range(self, size: int) -> tuple[int, int]:
+        """An ``OFFSET,LENGTH`` for a mark: sometimes everything (0,0), sometimes past EOF."""
+        r = self.rng.random()
+        if r < 0.15 or size == 0:
+            return 0, 0
+        off = self.pick_offset(size) if r < 0.9 else self.rng.randint(0, size // BLOCK) * BLOCK
+        length = 0 if self.rng.random() < 0.2 else self.pick_length(off)
+        return off, length
+
+    def pick_file(self) -> Owned | None:
+        return self.rng.choice(list(self.files.values())) if self.files else None
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self) -> Report:
+        deadline = time.monotonic() + self.cfg.seconds
+        count = 0
+        while time.monotonic() < deadline and not self.stop.value:
+            kind = self.rng.choices(self.kinds, self.weights)[0]
+            if self.relieve_needed() and kind in ("write", "create", "nonvolatile"):
+                kind = "relieve"
+            self.step(kind)
+            count += 1
+            self.progress[self.index] = count
+        self.step("final")
+        self.progress[self.index] = count + 1
+        for f in self.files.values():
+            os.close(f.fd)
+        return self.report
+
+    def step(self, kind: str) -> None:
+        t = time.monotonic()
+        try:
+            done = getattr(self, "op_" + kind)()
+        except Unexpected:
+            done = True
+        except OSError as e:
+            self.unexpected(kind, e)
+            self.forget_broken()
+            done = True
+        if done is not False:
+            self.report.ops[kind] += 1
+        elapsed = time.monotonic() - t
+        if elapsed > self.report.latency_max.get(kind, 0.0):
+            self.report.latency_max[kind] = elapsed
+
+    def forget_broken(self) -> None:
+        """After an unexpected error the model may be wrong: start those files over."""
+        for f in list(self.files.values()):
+            with contextlib.suppress(OSError):
+                os.close(f.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(f))
+        self.files.clear()
+
+    # -- owner operations ------------------------------------------------------------------
+    def op_create(self) -> bool:
+        if len(self.files) >= self.slots:
+            return False
+        self.created += 1
+        fid = (self.index << 24) | self.created
+        name = f"{fid:08x}.0"
+        tmp = self.dir / f".tmp-{fid:08x}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        os.setxattr(fd, FID_XATTR, str(fid).encode())
+        f = Owned(fid, name, fd)
+        self.note(f"create {name}")
+        if self.rng.random() < 0.7:
+            self.write(f, 0, self.pick_length(0), "create")
+        os.rename(tmp, self.dir / name)
+        self.files[name] = f
+        return True
+
+    def op_write(self) -> bool:
+        f = self.pick_file()
+        if f is None or (len(self.files) < self.slots and self.rng.random() < 0.3):
+            return self.op_create()
+        total = sum(g.size for g in self.files.values())
+        if total < self.cfg.owner_target and self.rng.random() < 0.7:
+            f = min(self.files.values(), key=lambda g: g.size)  # grow toward the target
+            off = f.size // BLOCK * BLOCK
+            length = min(PAGE * self.rng.randint(64, 512), self.cfg.max_file_size - off)
+            if length > 0:
+                self.write(f, off, length, "append")
+                return True
+        off = self.pick_offset(f.size)
+        self.write(f, off, self.pick_length(off), "write")
+        return True
+
+    def write(self, f: Owned, off: int, length: int, op: str) -> None:
+        """pwrite a new generation at [off, off + length), widened to whole pages where a
+        partial write would leave bytes of unknown content; keep within the budget."""
+        end = off + length
+        if off % PAGE and off // PAGE < f.npages and f.uncertain(off // PAGE):
+            off -= off % PAGE
+        last = (end - 1) // PAGE
+        if end % PAGE and end < f.size and f.uncertain(last):
+            end = (last + 1) * PAGE
+        self.gen += 1
+        data = pattern(f.fid, self.gen, off, end - off)
+        self.note(f"{op} {f.name} [{off},{end}) gen {self.gen} size {f.size}")
+        try:
+            n = os.pwrite(f.fd, data, off)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self.expected(op, e.errno)
+            return
+        if n < len(data):
+            self.report.notes["short writes"] += 1
+            self.note(f"  short write: {n} of {len(data)}")
+        f.apply_write(off, data[:n])
+        if self.relieve_needed():
+            self.mark_volatile(f, off, n, "write")
+
+    def relieve_needed(self) -> bool:
+        return sum(f.nonvolatile_resident() for f in self.files.values()) > self.budget_pages
+
+    def op_relieve(self) -> bool:
+        """Over the non-volatile budget: mark a file volatile or shrink it."""
+        f = max(self.files.values(), key=lambda g: g.nonvolatile_resident())
+        if self.rng.random() < 0.8:
+            self.mark_volatile(f, 0, 0, "relieve")
+        else:
+            self.truncate(f, f.size // 2 // BLOCK * BLOCK, "relieve")
+        return True
+
+    @on_a_file
+    def op_read(self, f: Owned) -> bool:
+        if self.rng.random() < 0.3 or f.size == 0:
+            a, b = 0, f.size
+        else:
+            a = self.rng.randrange(f.size)
+            b = min(f.size, a + self.rng.choice((1, 100, PAGE, 5 * PAGE, CHUNK)))
+        fd = f.fd
+        other = self.rng.random() < 0.2
+        if other:
+            fd = os.open(self.path(f), os.O_RDONLY)
+        try:
+            self.verify(f, fd, a, b, "read")
+        finally:
+            if other:
+                os.close(fd)
+        return True
+
+    def verify(self, f: Owned, fd: int, a: int, b: int, op: str) -> None:
+        """Read [a, b) and check it against the model, page by page where reads fail."""
+        self.note(f"{op} {f.name} [{a},{b}) size {f.size}")
+        size = os.fstat(fd).st_size
+        if size != f.size:
+            self.corrupt(f"{f.name}: st_size {size}, expected {f.size}")
+            raise Unexpected
+        pos = b if a >= b else a
+        while pos < b:
+            try:
+                buf = os.pread(fd, min(b - pos, READ_MAX), pos)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                self.verify_pages(f, fd, pos, b, op)
+                return
+            if not buf:
+                self.corrupt(f"{f.name}: read at {pos} hit end of file; size is {f.size}")
+                return
+            self.compare(f, pos, buf, op)
+            pos += len(buf)
+
+    def verify_pages(self, f: Owned, fd: int, pos: int, b: int, op: str) -> None:
+        """A read of [pos, b) failed with EIO: read page by page; only pages that may be
+        purged may fail, and pages known purged must."""
+        if not any(f.may_fail(p) for p in range(pos // PAGE, pages_spanned(b))):
+            self.corrupt(f"{f.name}: EIO reading [{pos},{b}); every page there is guaranteed")
+            return
+        while pos < b:
+            p = pos // PAGE
+            end = min(b, (p + 1) * PAGE)
+            try:
+                buf = os.pread(fd, end - pos, pos)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                if f.may_fail(p):
+                    self.expected(op, e.errno)
+                else:
+                    self.corrupt(f"{f.name}: EIO reading guaranteed page {p} alone")
+            else:
+                if len(buf) != end - pos:
+                    self.corrupt(f"{f.name}: short read of page {p}: {len(buf)} of {end - pos}")
+                self.compare(f, pos, buf, op)
+            pos = end
+
+    def compare(self, f: Owned, pos: int, buf: bytes, op: str) -> None:
+        end = pos + len(buf)
+        pages = range(pos // PAGE, pages_spanned(end))
+        if not any(f.purged[p] or f.unknown[p] for p in pages) and buf == f.data[pos:end]:
+            return
+        for p in pages:
+            a, b = max(pos, p * PAGE), min(end, (p + 1) * PAGE)
+            got = buf[a - pos : b - pos]
+            if f.purged[p]:
+                self.corrupt(f"{f.name}: {op} of purged page {p} returned data ({got[:16].hex()})")
+            elif f.unknown[p]:
+                bad = bad_block(got, a, f.fid)
+                if bad is not None:
+                    block = got[bad - a : bad - a + BLOCK]
+                    self.corrupt(f"{f.name}: {op}: block at {bad} is {describe_block(block)}")
+            elif got != f.data[a:b]:
+                i = next(i for i in range(len(got)) if got[i] != f.data[a + i])
+                at = (a + i) // BLOCK * BLOCK
+                block = bytes(buf[at - pos : at - pos + BLOCK])
+                want = bytes(f.data[at : at + BLOCK])
+                state = "volatile" if f.vol[p] else "non-volatile"
+                self.corrupt(
+                    f"{f.name}: {op}: byte {a + i} (page {p}, {state}) differs: got block "
+                    f"{describe_block(block)}, expected {describe_block(want)}"
+                )
+                self.report.notes["mismatched pages"] += 1
+
+    @on_a_file
+    def op_truncate(self, f: Owned) -> bool:
+        r = self.rng.random()
+        if r < 0.05:
+            size = 0
+        elif r < 0.6 and f.size:
+            size = self.rng.randint(f.size // 2 // BLOCK, f.size // BLOCK) * BLOCK
+            if self.rng.random() < 0.4:
+                size = size // PAGE * PAGE
+        else:
+            size = self.pick_offset(f.size)
+        self.truncate(f, size, "truncate")
+        return True
+
+    def truncate(self, f: Owned, size: int, op: str) -> None:
+        self.note(f"{op} {f.name} {f.size} -> {size}")
+        if self.rng.random() < 0.5:
+            os.ftruncate(f.fd, size)
+        else:
+            os.truncate(self.path(f), size)
+        f.resize(size)
+
+    @on_a_file
+    def op_reopen(self, f: Owned) -> bool:
+        flags = os.O_RDWR
+        if self.rng.random() < 0.2:
+            flags |= os.O_TRUNC
+        self.note(f"reopen {f.name}" + (" O_TRUNC" if flags & os.O_TRUNC else ""))
+        os.close(f.fd)
+        f.fd = os.open(self.path(f), flags)
+        if flags & os.O_TRUNC:
+            f.resize(0)
+        return True
+
+    @on_a_file
+    def op_rename(self, f: Owned) -> bool:
+        others = [g for g in self.files.values() if g is not f]
+        if others and self.rng.random() < 0.25:
+            victim: Owned | None = self.rng.choice(others)
+            assert victim is not None
+            new = victim.name
+        else:
+            victim = None
+            gen = int(f.name.rpartition(".")[2]) + 1
+            new = f"{f.fid:08x}.{gen}"
+        self.note(f"rename {f.name} -> {new}" + (" (over it)" if victim else ""))
+        os.rename(self.path(f), self.dir / new)
+        del self.files[f.name]
+        if victim is not None:
+            os.close(victim.fd)
+            del self.files[victim.name]
+        f.name = new
+        self.files[new] = f
+        return True
+
+    @on_a_file
+    def op_unlink(self, f: Owned) -> bool:
+        self.note(f"unlink {f.name}")
+        os.unlink(self.path(f))
+        del self.files[f.name]
+        try:
+            if self.rng.random() < 0.5:  # an unlinked open file keeps its data
+                self.verify(f, f.fd, 0, f.size, "read-unlinked")
+        finally:
+            os.close(f.fd)
+        return True
+
+    # -- volatile ranges --------------------------------------------------------------------
+    def target(self, f: Owned) -> int | str:
+        return f.fd if self.rng.random() < 0.5 else str(self.path(f))
+
+    @on_a_file
+    def op_volatile(self, f: Owned) -> bool:
+        self.mark_volatile(f, *self.pick_range(f.size), "volatile")
+        return True
+
+    def mark_volatile(self, f: Owned, off: int, length: int, op: str) -> None:
+        pages = volatile_pages(off, length, f.size)
+        self.note(f"{op}: volatile {f.name} {off},{length} -> pages {runs(pages)}")
+        os.setxattr(self.target(f), VOLATILE, b"%d,%d" % (off, length))
+        for p in pages:
+            f.vol[p] = 1
+
+    @on_a_file
+    def op_nonvolatile(self, f: Owned) -> bool:
+        self.mark_nonvolatile(f, *self.pick_range(f.size), "nonvolatile")
+        return True
+
+    def mark_nonvolatile(self, f: Owned, off: int, length: int, op: str) -> None:
+        """Mark non-volatile, then settle the range with ``user.vrange.purged``."""
+        pages = nonvolatile_pages(off, length, f.size)
+        self.note(f"{op}: nonvolatile {f.name} {off},{length} -> pages {runs(pages)}")
+        os.setxattr(self.target(f), NONVOLATILE, b"%d,%d" % (off, length))
+        listed = self.check_purged(f, op)
+        survived = 0
+        for p in pages:
+            if f.vol[p] and f.resident[p] and not f.purged[p] and not f.unknown[p]:
+                survived += p not in listed
+            f.vol[p] = 0
+        self.report.notes["volatile pages found intact"] += survived
+        for p in pages:
+            if f.unknown[p]:  # not purged and stable now: learn what it holds
+                self.adopt(f, p, op)
+
+    @on_a_file
+    def op_regenerate(self, f: Owned) -> bool:
+        """A cache's cycle: pin a range, rewrite what was purged, check it, unpin it."""
+        if f.size == 0:
+            return False
+        off, length = self.pick_range(f.size)
+        self.mark_nonvolatile(f, off, length, "regenerate")
+        pages = nonvolatile_pages(off, length, f.size)
+        lost = [p for p in pages if f.purged[p]]
+        for p in lost:
+            self.write(f, p * PAGE, min(PAGE, f.size - p * PAGE), "regenerate")
+        if pages:
+            a, b = pages.start * PAGE, min(pages.stop * PAGE, f.size)
+            self.verify(f, f.fd, a, b, "regenerate")
+        self.mark_volatile(f, off, length, "regenerate")
+        return True
+
+    def adopt(self, f: Owned, p: int, op: str) -> None:
+        a, b = p * PAGE, min((p + 1) * PAGE, f.size)
+        buf = os.pread(f.fd, b - a, a)
+        bad = bad_block(buf, a, f.fid)
+        if len(buf) != b - a or bad is not None:
+            self.corrupt(f"{f.name}: {op}: unknown page {p} (now non-volatile) reads badly")
+            return
+        f.data[a:b] = buf
+        f.unknown[p] = 0
+        self.report.notes["unknown pages adopted"] += 1
+
+    def check_purged(self, f: Owned, op: str) -> set[int]:
+        """Read ``user.vrange.purged``; listed pages that may be purged become known purged.
+
+        A listed page the model holds guaranteed is lost data; a known purged page not listed
+        came back without a write.
+        """
+        listed = pages_of(parse_ranges(os.getxattr(self.target(f), PURGED)))
+        for p in sorted(listed):
+            if p >= f.npages:
+                self.corrupt(f"{f.name}: {op}: purged list names page {p} past the end")
+            elif f.purged[p]:
+                continue
+            elif f.uncertain(p):
+                f.set_purged(p)
+                self.report.notes["volatile pages found purged"] += 1
+            else:
+                what = "a hole" if not f.resident[p] else "non-volatile"
+                self.corrupt(f"{f.name}: {op}: page {p} ({what}) is listed as purged")
+        for p in range(f.npages):
+            if f.purged[p] and p not in listed:
+                self.corrupt(f"{f.name}: {op}: known purged page {p} is no longer listed")
+        return listed
+
+    @on_a_file
+    def op_purged(self, f: Owned) -> bool:
+        self.note(f"purged? {f.name}")
+        self.check_purged(f, "purged")
+        return True
+
+    @on_a_file
+    def op_volatile_list(self, f: Owned) -> bool:
+        self.check_volatile_list(f, "volatile_list")
+        return True
+
+    def check_volatile_list(self, f: Owned, op: str) -> None:
+        listed = pages_of(parse_ranges(os.getxattr(self.target(f), VOLATILE)))
+        model = {p for p in range(f.npages) if f.vol[p]}
+        self.note(f"{op} {f.name}: {runs(sorted(listed))}")
+        if listed != model:
+            self.corrupt(
+                f"{f.name}: {op}: volatile pages listed {runs(sorted(listed))}, "
+                f"expected {runs(sorted(model))}"
+            )
+
+    # -- mmap ---------------------------------------------------------------------------------
+    @on_a_file
+    def op_mmap_write(self, f: Owned) -> bool:
+        good = [p for p in range(f.npages) if f.resident[p] and not f.vol[p] and f.guaranteed(p)]
+        if not good:
+            return False
+        first = last = self.rng.choice(good)
+        while last + 1 in good and last - first < 15 and self.rng.random() < 0.8:
+            last += 1
+        lo, hi = first * PAGE, min((last + 1) * PAGE, f.size)
+        a = lo + self.rng.randint(0, (hi - lo) // BLOCK - 1) * BLOCK
+        b = a + self.rng.randint(1, (hi - a) // BLOCK) * BLOCK
+        self.gen += 1
+        data = pattern(f.fid, self.gen, a, b - a)
+        self.note(f"mmap_write {f.name} [{a},{b}) gen {self.gen} (pages {first}-{last})")
+        result = mmap_store(f.fd, lo, hi - lo, a, data)
+        if not result.ok:
+            self.corrupt(
+                f"{f.name}: mmap store into guaranteed pages {first}-{last} failed "
+                f"(signal {result.signal}, status {result.status})"
+            )
+            for p in range(first, last + 1):
+                f.unknown[p] = 1
+            return True
+        f.apply_write(a, data)
+        return True
+
+    @on_a_file
+    def op_mmap_read(self, f: Owned) -> bool:
+        if f.size == 0:
+            return False
+        purged = [p for p in range(f.npages) if f.purged[p]]
+        if purged and self.rng.random() < 0.3:
+            first = self.rng.choice(purged)
+        else:
+            first = self.rng.randrange(f.npages)
+        last = min(f.npages, first + self.rng.choice((1, 4, 32)))
+        lo, hi = first * PAGE, min(last * PAGE, f.size)
+        self.note(f"mmap_read {f.name} pages {first}-{last - 1}")
+        result = mmap_load(f.fd, lo, hi - lo)
+        got = result.data
+        if got:
+            self.compare(f, lo, got, "mmap_read")
+        if result.ok:
+            return True
+        failed = (lo + len(got)) // PAGE
+        if result.signal == signal.SIGBUS and failed < f.npages and f.may_fail(failed):
+            self.expected("mmap_read", errno.EIO)  # counted as EIO: SIGBUS is its mmap form
+            self.report.notes["SIGBUS on mmap loads"] += 1
+        else:
+            self.corrupt(
+                f"{f.name}: mmap load of pages {first}-{last - 1} stopped at page {failed} "
+                f"(signal {result.signal}, status {result.status}); that page is guaranteed"
+            )
+        return True
+
+    # -- other owners' files --------------------------------------------------------------------
+    def open_foreign(self) -> tuple[int, int, str] | None:
+        """Open a random file of another owner: (fd, file id, name), or None if it vanished."""
+        owners = [i for i in range(self.cfg.procs) if i != self.index] or [self.index]
+        d = self.cfg.root / f"o{self.rng.choice(owners)}"
+        names = [n for n in os.listdir(d) if not n.startswith(".")]
+        if not names:
+            return None
+        name = self.rng.choice(names)
+        try:
+            fd = os.open(d / name, os.O_RDONLY)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            self.expected("foreign_open", e.errno)
+            return None
+        try:
+            fid = int(os.getxattr(fd, FID_XATTR))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, fid, f"{d.name}/{name}"
+
+    def op_foreign_read(self) -> bool:
+        opened = self.open_foreign()
+        if opened is None:
+            return True
+        fd, fid, name = opened
+        try:
+            size = os.fstat(fd).st_size
+            if self.rng.random() < 0.4:
+                a, b = 0, size
+            else:
+                a = self.rng.randint(0, size // BLOCK) * BLOCK
+                b = a + self.rng.choice((BLOCK, PAGE, 8 * PAGE, CHUNK))
+            self.note(f"foreign_read {name} [{a},{b}) size {size}")
+            pos = a
+            while pos < b:
+                try:
+                    buf = os.pread(fd, min(b - pos, READ_MAX), pos)
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    self.expected("foreign_read", e.errno)
+                    pos = (pos // PAGE + 1) * PAGE  # go on after the page
+                    continue
+                if not buf:
+                    break
+                self.check_foreign(fd, fid, name, pos, buf, "foreign_read")
+                pos += len(buf)
+        finally:
+            os.close(fd)
+        return True
+
+    def check_foreign(self, fd: int, fid: int, name: str, pos: int, buf: bytes, op: str) -> None:
+        """Every block must be zeros or this file's block at this place; re-read failures."""
+        while (bad := bad_block(buf, pos, fid)) is not None:
+            p = bad // PAGE
+            a = max(pos, p * PAGE)
+            first_look = describe_block(buf[bad - pos : bad - pos + BLOCK])
+            for delay in (0.0, 0.001, 0.01, 0.05):
+                time.sleep(delay)
+                try:
+                    again = os.pread(fd, PAGE - a % PAGE, a)
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    again = b""  # purged since: nothing to check
+                if bad_block(again, a, fid) is None:
+                    self.report.notes["torn foreign reads resolved by a re-read"] += 1
+                    break
+            else:
+                self.corrupt(
+                    f"{name}: {op}: block at {bad} is {first_look} and stays bad on re-reads"
+                )
+            skip = (p + 1) * PAGE - pos
+            if skip >= len(buf):
+                return
+            buf, pos = buf[skip:], pos + skip
+
+    def op_foreign_mmap(self) -> bool:
+        opened = self.open_foreign()
+        if opened is None:
+            return True
+        fd, fid, name = opened
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return True
+            first = self.rng.randrange(pages_spanned(size))
+            lo = first * PAGE
+            hi = min(size, lo + self.rng.choice((1, 4, 32)) * PAGE)
+            self.note(f"foreign_mmap {name} [{lo},{hi}) size {size}")
+            result = mmap_load(fd, lo, hi - lo)
+            if result.data:
+                self.check_foreign(fd, fid, name, lo, result.data, "foreign_mmap")
+            if result.signal == signal.SIGBUS:
+                self.expected("foreign_mmap", errno.EIO)
+                self.report.notes["SIGBUS on mmap loads"] += 1
+            elif result.status == 3:
+                self.report.notes["foreign mmap raced a truncate"] += 1
+            elif not result.ok:
+                self.unexpected(
+                    "foreign_mmap",
+                    RuntimeError(f"child: signal {result.signal}, status {result.status}"),
+                )
+        finally:
+            os.close(fd)
+        return True
+
+    # -- the whole mount ------------------------------------------------------------------------
+    def op_purge_all(self) -> bool:
+        self.note("purge all")
+        os.setxattr(self.cfg.mountpoint, PURGE, b"all")
+        return True
+
+    def op_stats(self) -> bool:
+        stats = read_stats(self.cfg.mountpoint)
+        if stats.get("resident_bytes", 0) > stats.get("memory_cap", 0):
+            self.corrupt(f"resident_bytes over memory_cap: {stats}")
+        st = os.statvfs(self.cfg.mountpoint)
+        if st.f_bfree > st.f_blocks:
+            self.corrupt(f"statfs: {st.f_bfree} free of {st.f_blocks} blocks")
+        return True
+
+    def op_final(self) -> bool:
+        """Settle and check everything this worker owns."""
+        for f in list(self.files.values()):
+            self.mark_nonvolatile(f, 0, 0, "final")
+            self.check_volatile_list(f, "final")
+            self.verify(f, f.fd, 0, f.size, "final")
+        return True
+
+
+def worker_main(
+    cfg: Config,
+    index: int,
+    progress: Any,
+    stop: Synchronized[int],
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    worker = Worker(cfg, index, progress, stop)
+    try:
+        report = worker.run()
+    except BaseException as e:  # a bug in this tool, or the mount went away
+        report = worker.report
+        worker.unexpected("worker", e)
+        report.unexpected.append(traceback.format_exc())
+    conn.send(report)
+    conn.close()
+
+
+# -- the parent ------------------------------------------------------------------------------
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def progress_line(cfg: Config, daemon: int | None) -> str:
+    try:
+        stats = read_stats(cfg.mountpoint)
+    except OSError as e:
+        return f"stats unreadable: {e}"
+    rss = process_memory(daemon).get("VmRSS", 0) if daemon else 0
+    cap = stats.get("purge_events_cap", 0)
+    pressure = stats.get("purge_events_pressure", 0)
+    explicit = stats.get("purge_events_explicit", 0)
+    return (
+        f"resident {format_bytes(stats.get('resident_bytes', 0))}, volatile "
+        f"{format_bytes(stats.get('volatile_bytes', 0))}, purge events cap/pressure/explicit "
+        f"{cap}/{pressure}/{explicit}, daemon RSS {format_bytes(rss)}"
+    )
+
+
+def run(cfg: Config, json_path: Path | None = None) -> int:
+    """Run the workers; print the summary; return the exit status."""
+    stats0 = read_stats(cfg.mountpoint)
+    daemon = stats0.get("pid")
+    cfg.root.mkdir()
+    for i in range(cfg.procs):
+        (cfg.root / f"o{i}").mkdir()
+    ctx = multiprocessing.get_context("fork")
+    progress = ctx.RawArray("q", cfg.procs)
+    stop: Synchronized[int] = ctx.Value("i", 0)
+    pipes = []
+    procs = []
+    for i in range(cfg.procs):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=worker_main, args=(cfg, i, progress, stop, send), name=f"w{i}")
+        p.start()
+        send.close()
+        pipes.append(recv)
+        procs.append(p)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        print(f"stress: signal {signum}: stopping the workers", flush=True)
+        stop.value = 1
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.monotonic()
+    reports: dict[int, Report] = {}
+    hung: list[str] = []
+    last_total, last_change, last_print = -1, start, start
+    try:
+        while len(reports) < cfg.procs:
+            waiting = {id(pipes[i]): i for i in range(cfg.procs) if i not in reports}
+            ready = multiprocessing.connection.wait(
+                [pipes[i] for i in waiting.values()], timeout=1.0
+            )
+            for conn in ready:
+                i = waiting[id(conn)]
+                try:
+                    reports[i] = pipes[i].recv()
+                except EOFError:
+                    r = Report()
+                    r.unexpected_count = 1
+                    r.unexpected.append(f"worker {i} died: exit code {procs[i].exitcode}")
+                    reports[i] = r
+            now = time.monotonic()
+            total = sum(progress)
+            if total != last_total:
+                last_total, last_change = total, now
+            if now - last_print >= cfg.progress_every:
+                last_print = now
+                print(
+                    f"  {now - start:6.0f} s: {total} ops, {progress_line(cfg, daemon)}", flush=True
+                )
+            if now - last_change > HANG_SECONDS:
+                hung = [f"w{i}" for i in range(cfg.procs) if i not in reports]
+                print(f"stress: no progress for {HANG_SECONDS:.0f} s; stacks follow", flush=True)
+                for i in range(cfg.procs):
+                    if i not in reports and procs[i].pid:
+                        with contextlib.suppress(OSError):
+                            os.kill(procs[i].pid or 0, signal.SIGUSR1)
+                if daemon:
+                    with contextlib.suppress(OSError):
+                        os.kill(daemon, signal.SIGUSR1)  # the daemon logs its stacks
+                time.sleep(2)
+                for i in range(cfg.procs):
+                    if i not in reports:
+                        procs[i].kill()
+                        r = Report()
+                        r.unexpected_count = 1
+                        r.unexpected.append(f"worker {i} hung (killed)")
+                        reports[i] = r
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        stop.value = 1
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    duration = time.monotonic() - start
+    total_report = Report()
+    for i in sorted(reports):
+        total_report.merge(reports[i])
+
+    shutil.rmtree(cfg.root, ignore_errors=True)
+    stats = read_stats(cfg.mountpoint)
+    memory = process_memory(daemon) if daemon else {}
+    failed = bool(total_report.corruption_count or total_report.unexpected_count or hung)
+    print_summary(cfg, total_report, duration, stats0, stats, memory, failed)
+    if json_path is not None:
+        json_path.write_text(
+            json.dumps(
+                {
+                    "seed": cfg.seed,
+                    "procs": cfg.procs,
+                    "seconds": duration,
+                    "ops": dict(total_report.ops),
+                    "errors": dict(total_report.errors),
+                    "corruptions": total_report.corruption_count,
+                    "unexpected": total_report.unexpected_count,
+                    "notes": dict(total_report.notes),
+                    "latency_max": total_report.latency_max,
+                    "stats": stats,
+                    "daemon_memory": memory,
+                    "ok": not failed,
+                },
+                indent=2,
+            )
+        )
+    return 1 if failed else 0
+
+
+def print_summary(
+    cfg: Config,
+    report: Report,
+    duration: float,
+    stats0: dict[str, int],
+    stats: dict[str, int],
+    memory: dict[str, int],
+    failed: bool,
+) -> None:
+    total = sum(report.ops.values())
+    print(f"\nstress summary (seed {cfg.seed}, {cfg.procs} processes, {duration:.1f} s)")
+    print(f"operations: {total} ({total / max(duration, 1e-9):.0f}/s)")
+    for kind, n in sorted(report.ops.items(), key=lambda kv: -kv[1]):
+        slowest = report.latency_max.get(kind, 0.0)
+        print(f"  {kind:<16} {n:>9}   slowest {slowest * 1000:8.1f} ms")
+    print("expected errors by errno:" + ("" if report.errors else " none"))
+    for key, n in sorted(report.errors.items()):
+        print(f"  {key:<28} {n:>9}")
+    print("model notes:")
+    for key, n in sorted(report.notes.items()):
+        print(f"  {key:<42} {n:>9}")
+    print(f"unexpected errors: {report.unexpected_count}")
+    for text in report.unexpected:
+        print("  " + text.replace("\n", "\n  "))
+    print(f"corruptions: {report.corruption_count}")
+    for text in report.corruptions:
+        print("  " + text.replace("\n", "\n  "))
+    if memory:
+        print(
+            f"daemon pid {stats.get('pid')}: RSS {format_bytes(memory.get('VmRSS', 0))}, "
+            f"peak {format_bytes(memory.get('VmHWM', 0))}"
+        )
+    delta = {k: v - stats0.get(k, 0) for k, v in stats.items() if k != "pid"}
+    print("mount statistics (change during the run):")
+    for key in sorted(stats):
+        if key != "pid":
+            print(f"  {key:<28} {stats[key]:>14}  ({delta[key]:+d})")
+    print(f"result: {'FAIL' if failed else 'OK'} (seed {cfg.seed})")
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected e.g. 4M")
+    return int(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Concurrent stress test of a vrangefs mount against an exact model."
+    )
+    parser.add_argument("mountpoint", nargs="?", type=Path, help="a mounted vrangefs")
+    parser.add_argument("--mount-fresh", action="store_true", help="mount our own vrangefs")
+    parser.add_argument("--memory-cap", default="64M", help="with --mount-fresh (default 64M)")
+    parser.add_argument("--procs", type=int, default=8, help="worker processes (default 8)")
+    parser.add_argument("--seconds", type=float, default=600, help="duration (default 600)")
+    parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    parser.add_argument("--files", type=int, default=16, help="files in all (default 16)")
+    parser.add_argument(
+        "--max-file-size", type=parse_size, default=None, help="default: fits the cap"
+    )
+    parser.add_argument("--json", type=Path, help="also write the summary here as JSON")
+    parser.add_argument("--progress", type=float, default=30, help="seconds between reports")
+    args = parser.parse_args(argv)
+    if (args.mountpoint is None) == (not args.mount_fresh):
+        parser.error("give a MOUNTPOINT or --mount-fresh (one of them)")
+    if args.procs < 2 or args.files < 1:
+        parser.error("--procs must be at least 2 and --files at least 1")
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    print(f"stress: seed {seed}", flush=True)
+
+    def go(mountpoint: Path) -> int:
+        cap = read_stats(mountpoint)["memory_cap"]
+        per_file = max(cap * 3 // args.files, 4 * PAGE)
+        max_file = args.max_file_size or min(16 * CHUNK, per_file // PAGE * PAGE)
+        cfg = Config(
+            mountpoint=mountpoint,
+            root=mountpoint / f"stress-{os.getpid()}",
+            procs=args.procs,
+            seconds=args.seconds,
+            seed=seed,
+            files=args.files,
+            max_file_size=max(max_file // BLOCK * BLOCK, 4 * PAGE),
+            nonvolatile_budget=cap * 45 // 100 // args.procs,
+            owner_target=cap * 2 // args.procs,
+            progress_every=args.progress,
+        )
+        print(
+            f"stress: {cfg.procs} processes for {cfg.seconds:g} s on {mountpoint} "
+            f"(memory_cap {format_bytes(cap)}), {cfg.files} files of up to "
+            f"{format_bytes(cfg.max_file_size)}, non-volatile budget "
+            f"{format_bytes(cfg.nonvolatile_budget)} per owner",
+            flush=True,
+        )
+        return run(cfg, args.json)
+
+    if not args.mount_fresh:
+        return go(args.mountpoint)
+    try:
+        with fresh_mount(args.memory_cap, label="stress") as mountpoint:
+            status = go(mountpoint)
+    except RuntimeError as e:
+        print(f"stress: {e}", file=sys.stderr)
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
