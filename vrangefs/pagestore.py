@@ -148,6 +148,19 @@ class FileData:
         self.resident_pages = 0
 
     # -- queries ----------------------------------------------------------
+    def _chunks_in(self, first: int, end: int) -> list[int]:
+        """Indexes of the existing chunks holding pages [first, end), ascending.
+
+        Walks whichever is smaller, the range or the chunks that exist, so a
+        range over a huge sparse file costs what the file holds, not its size.
+        """
+        lo = first >> CHUNK_SHIFT
+        hi = ((end - 1) >> CHUNK_SHIFT) + 1 if end > first else lo
+        chunks = self._chunks
+        if hi - lo <= len(chunks):
+            return [ci for ci in range(lo, hi) if ci in chunks]
+        return sorted(ci for ci in chunks if lo <= ci < hi)
+
     def slot_of(self, page: int) -> int:
         chunk = self._chunks.get(page >> CHUNK_SHIFT)
         return HOLE if chunk is None else chunk[page & CHUNK_MASK]
@@ -341,10 +354,8 @@ class FileData:
         Returns the number of pages freed.
         """
         freed: list[int] = []
-        for ci in range(first >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1 if end > first else 0):
-            chunk = self._chunks.get(ci)
-            if chunk is None:
-                continue
+        for ci in self._chunks_in(first, end):
+            chunk = self._chunks[ci]
             base = ci << CHUNK_SHIFT
             for i in range(max(first - base, 0), min(end - base, CHUNK_PAGES)):
                 slot = chunk[i]
@@ -356,8 +367,13 @@ class FileData:
         return len(freed)
 
     def resident_in(self, first: int, end: int) -> int:
-        """Number of resident pages in [first, end)."""
-        return sum(count for _p, count, slot in self.runs(first, end) if slot >= 0)
+        """Number of resident pages in [first, end) (cost: the chunks that exist there)."""
+        total = 0
+        for ci in self._chunks_in(first, end):
+            base = ci << CHUNK_SHIFT
+            lo, hi = max(first, base), min(end, base + CHUNK_PAGES)
+            total += sum(count for _p, count, slot in self.runs(lo, hi) if slot >= 0)
+        return total
 
     def free(self) -> None:
         """Release every page (the inode is gone)."""

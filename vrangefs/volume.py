@@ -147,6 +147,8 @@ class Volume:
 
     def lookup(self, parent: int, name: bytes) -> Inode:
         """Find *name* in *parent* and count one more kernel reference to it."""
+        if len(name) > NAME_MAX:  # the kernel lets up to 1024 bytes through to FUSE
+            raise FsError(errno.ENAMETOOLONG)
         inode = self.inode(parent) if name == b"." else self._child(parent, name)
         inode.lookups += 1
         return inode

@@ -13,8 +13,8 @@ Fast versions (the module runs in well under 40 s on a loaded 2-core machine) of
 - many xattrs on one file, and a listing past the 64 KiB VFS limit (E2BIG).
 
 The stated costs are generous bounds (the machine this runs on may be busy); the figures
-measured here are in bench/limits.py's report. The xfail tests mark two costs that grow with
-the *sparse* size of a volatile file, and lookups of over-long names answering ENOENT.
+measured here are in bench/limits.py's report. Three tests guard fixed bugs: costs that grew
+with the *sparse* size of a volatile file, and lookups of over-long names answering ENOENT.
 """
 
 from __future__ import annotations
@@ -154,13 +154,6 @@ def seconds_with_a_sparse_volatile_file(
     return t.seconds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="user.vrange.stats walks every 1 MiB chunk of every volatile unit "
-    "(Volume.volatile_resident_pages -> FileData.resident_in -> FileData.runs), holes "
-    "included, in one request: 1.7-3.6 s for one 2 TiB sparse volatile file on this busy "
-    "2-core machine, during which the daemon answers nothing else",
-)
 def test_stats_cost_does_not_grow_with_the_sparse_size_of_volatile_files(
     big: Mount, area: Path
 ) -> None:
@@ -168,13 +161,6 @@ def test_stats_cost_does_not_grow_with_the_sparse_size_of_volatile_files(
     assert seconds < 0.25, f"one stats request took {seconds:.2f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FileData.purge loops over every 1 MiB chunk index of the unit, holes included "
-    "(40-70 ns each: 1.3-2.3 s for a 32 TiB sparse unit here), so a unit over a file "
-    "truncated to 2**60 bytes or more blocks the daemon for hours in any purge (explicit, "
-    "pressure, or a write that evicts)",
-)
 def test_purge_cost_does_not_grow_with_the_sparse_size_of_a_unit(big: Mount, area: Path) -> None:
     seconds = seconds_with_a_sparse_volatile_file(area, 32 * TiB, lambda: purge_all(big.path))
     assert seconds < 0.25, f"purging one sparse 32 TiB unit took {seconds:.2f} s"
@@ -290,11 +276,6 @@ def test_names_at_name_max(area: Path, how: str) -> None:
     assert sorted(os.listdir(area)) == sorted({"source", longest})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lookup of a name longer than NAME_MAX answers ENOENT (Volume.lookup never "
-    "checks the length); tmpfs, and POSIX, answer ENAMETOOLONG",
-)
 def test_looking_up_a_name_longer_than_name_max_is_enametoolong(area: Path) -> None:
     name = area / ("n" * (NAME_MAX + 1))
     got = {
