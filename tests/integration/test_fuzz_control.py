@@ -314,7 +314,8 @@ def expect(call: Call, model: Model) -> Expect:
         # one elsewhere is EPERM, reading one ENODATA. The daemon never sees the call.
         return fail(errno.EPERM if call.op in ("set", "remove") else errno.ENODATA)
     if not name.startswith(NAMESPACES):
-        return fail(errno.EOPNOTSUPP)  # tmpfs-like: unknown namespaces are not supported
+        # tmpfs-like: unknown namespaces are not supported (EOPNOTSUPP is ENOTSUP on Linux)
+        return fail(errno.EOPNOTSUPP)
     if call.op == "get":
         return expect_get(call, model)
     if call.op == "remove":
