@@ -223,12 +223,12 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> A
 
 
 def busy() -> list[str]:
-    """Other heavy processes (test runs, benchmarks) now: `pgrep -af "pytest|bench_"`.
+    """Other heavy processes (test runs, benchmarks) now: `pgrep -af "pytest|bench_|bench/"`.
 
     Our own process group (this benchmark and the children it forks) does not count.
     """
     proc = subprocess.run(
-        ["pgrep", "-af", "pytest|bench_"], capture_output=True, text=True, check=False
+        ["pgrep", "-af", "pytest|bench_|bench/"], capture_output=True, text=True, check=False
     )
     ours = os.getpgid(0)
     out = []
