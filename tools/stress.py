@@ -4,6 +4,7 @@ Usage::
 
     python tools/stress.py MOUNTPOINT [--procs 8] [--seconds 600] [--seed S] [--files 16]
     python tools/stress.py --mount-fresh [--memory-cap 64M] [--procs 8] [--seconds 600] ...
+    python tools/stress.py --mount-fresh --mount-args '--min-free 99%' ...  # pressure purges
 
 ``--mount-fresh`` mounts a vrangefs of its own in a temporary directory (``vrangefs mount``
 with ``--memory-cap``) and always unmounts it, on success, failure or Ctrl-C; its daemon log
@@ -63,6 +64,7 @@ import multiprocessing.connection
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import struct
@@ -209,15 +211,20 @@ def pages_of(ranges: Sequence[tuple[int, int]]) -> set[int]:
     return pages
 
 
-def runs(pages: Iterable[int]) -> str:
-    """Page numbers as compact runs: ``3-5,9``."""
+def page_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
+    """Page numbers as runs [first, end)."""
     out: list[list[int]] = []
     for p in sorted(pages):
-        if out and out[-1][1] == p - 1:
-            out[-1][1] = p
+        if out and out[-1][1] == p:
+            out[-1][1] = p + 1
         else:
-            out.append([p, p])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+            out.append([p, p + 1])
+    return [(a, b) for a, b in out]
+
+
+def runs(pages: Iterable[int]) -> str:
+    """Page numbers as compact text: ``3-5,9``."""
+    return ",".join(str(a) if b == a + 1 else f"{a}-{b - 1}" for a, b in page_runs(pages))
 
 
 # -- mounts -----------------------------------------------------------------------------------
@@ -440,6 +447,8 @@ class Owned:
 
     def apply_write(self, off: int, data: bytes) -> None:
         """Record that *data* was written at *off*."""
+        if not data:
+            return
         end = off + len(data)
         old_size = self.size
         if end > old_size:
@@ -927,9 +936,9 @@ class Worker:
         off, length = self.pick_range(f.size)
         self.mark_nonvolatile(f, off, length, "regenerate")
         pages = nonvolatile_pages(off, length, f.size)
-        lost = [p for p in pages if f.purged[p]]
-        for p in lost:
-            self.write(f, p * PAGE, min(PAGE, f.size - p * PAGE), "regenerate")
+        for first, end in page_runs(p for p in pages if f.purged[p]):
+            a = first * PAGE
+            self.write(f, a, min(end * PAGE, f.size) - a, "regenerate")
         if pages:
             a, b = pages.start * PAGE, min(pages.stop * PAGE, f.size)
             self.verify(f, f.fd, a, b, "regenerate")
@@ -1114,7 +1123,8 @@ class Worker:
                 except OSError as e:
                     if e.errno != errno.EIO:
                         raise
-                    again = b""  # purged since: nothing to check
+                    self.report.notes["bad foreign blocks purged before a re-read"] += 1
+                    break
                 if bad_block(again, a, fid) is None:
                     self.report.notes["torn foreign reads resolved by a re-read"] += 1
                     break
@@ -1393,6 +1403,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("mountpoint", nargs="?", type=Path, help="a mounted vrangefs")
     parser.add_argument("--mount-fresh", action="store_true", help="mount our own vrangefs")
     parser.add_argument("--memory-cap", default="64M", help="with --mount-fresh (default 64M)")
+    parser.add_argument(
+        "--mount-args",
+        default="",
+        help="with --mount-fresh: more vrangefs mount options, e.g. '--min-free 99%%' "
+        "(pressure purging all the time)",
+    )
     parser.add_argument("--procs", type=int, default=8, help="worker processes (default 8)")
     parser.add_argument("--seconds", type=float, default=600, help="duration (default 600)")
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
@@ -1438,7 +1454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.mount_fresh:
         return go(args.mountpoint)
     try:
-        with fresh_mount(args.memory_cap, label="stress") as mountpoint:
+        extra = shlex.split(args.mount_args)
+        with fresh_mount(args.memory_cap, extra, label="stress") as mountpoint:
             status = go(mountpoint)
     except RuntimeError as e:
         print(f"stress: {e}", file=sys.stderr)
