@@ -401,10 +401,7 @@ class Volume:
         self._release_if_dead(inode)
 
     def read(self, ino: int, off: int, size: int) -> memoryview | bytes | bytearray:
-        inode = self.inode(ino)
-        data = inode.data
-        if data is None:
-            raise FsError(errno.EINVAL)
+        inode, data = self._regular(ino)
         try:
             buf = data.read(off, size, self.purged_reads_zeros)
         except PurgedPageError as e:
@@ -413,10 +410,7 @@ class Volume:
         return buf
 
     def write(self, ino: int, off: int, buf: bytes) -> int:
-        inode = self.inode(ino)
-        data = inode.data
-        if data is None:
-            raise FsError(errno.EINVAL)
+        inode, data = self._regular(ino)
         try:
             written = data.write(off, buf, self.high_pages)
         except NoSpaceError as e:
