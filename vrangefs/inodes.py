@@ -58,11 +58,20 @@ class Directory:
             self._cookies = [c for c in self._cookies if c in self._names]
         return ino
 
-    def after(self, cookie: int) -> list[tuple[int, bytes]]:
-        """Entries whose cookie is greater than *cookie*, in cookie order."""
-        start = bisect.bisect_right(self._cookies, cookie)
+    def after(self, cookie: int) -> Iterator[tuple[int, bytes]]:
+        """Entries whose cookie is greater than *cookie*, in cookie order.
+
+        Lazy: a READDIR request takes only the few entries that fit its
+        buffer, so a listing costs O(n log n), not O(n^2).  The directory must
+        not change while the iterator is in use (requests are atomic).
+        """
+        cookies = self._cookies
         names = self._names
-        return [(c, names[c]) for c in self._cookies[start:] if c in names]
+        for i in range(bisect.bisect_right(cookies, cookie), len(cookies)):
+            c = cookies[i]
+            name = names.get(c)
+            if name is not None:
+                yield c, name
 
     def __len__(self) -> int:
         return len(self.entries)

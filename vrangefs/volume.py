@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vrangefs.errors import FsError
@@ -577,16 +578,11 @@ class Volume:
         inode, _ = self._dir(ino)
         return inode
 
-    def readdir(self, ino: int, after: int) -> list[tuple[int, bytes, Inode]]:
-        """Entries after cookie *after*: (cookie, name, inode)."""
+    def readdir(self, ino: int, after: int) -> Iterator[tuple[int, bytes, Inode]]:
+        """Entries after cookie *after*: (cookie, name, inode), lazily (see Directory.after)."""
         inode, d = self._dir(ino)
         inode.touch_atime_relatime()
-        out = []
-        for cookie, name in d.after(after):
-            child = self.inodes.get(d.entries[name])
-            if child is not None:
-                out.append((cookie, name, child))
-        return out
+        return ((cookie, name, self.inode(d.entries[name])) for cookie, name in d.after(after))
 
     # -- extended attributes ------------------------------------------------------
     def getxattr(self, ino: int, name: bytes) -> bytes:

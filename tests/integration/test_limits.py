@@ -16,7 +16,7 @@ Fast versions (the module runs in well under 40 s on a loaded 2-core machine) of
 The stated costs are generous bounds (the machine this runs on may be busy); the figures
 measured here are in bench/limits.py's report. Three tests guard fixed bugs: costs that grew
 with the *sparse* size of a volatile file, and lookups of over-long names answering ENOENT.
-The xfail test marks a readdir whose requests cost O(entries), so listings are quadratic.
+A test guards readdir against requests that cost O(entries) (quadratic listings).
 """
 
 from __future__ import annotations
@@ -286,13 +286,6 @@ def first_batch_seconds(d: Path) -> float:
     return best
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="readdir is quadratic: each READDIR request builds the list of every entry after "
-    "its cookie (Volume.readdir -> Directory.after) to reply with the few that fit, so one "
-    "request costs O(entries) and a listing O(n**2): ls -f took 2.2 s for 20,000 entries, "
-    "12 s for 40,000 and 117 s for 100,000, each request blocking the daemon",
-)
 def test_one_readdir_request_costs_the_same_whatever_the_directory_size(area: Path) -> None:
     small, large = area / "small", area / "large"
     for d, n in ((small, 1_000), (large, 10_000)):

@@ -16,18 +16,18 @@ def names(n: int, prefix: str = "f") -> list[bytes]:
 
 
 def listing(d: Directory) -> list[bytes]:
-    return [name for _c, name in d.after(0)]
+    return [name for _c, name in list(d.after(0))]
 
 
 def test_cookies_are_stable_under_add_and_remove() -> None:
     d = Directory()
     for i, name in enumerate(names(200)):
         d.add(name, 100 + i)
-    before = dict((name, c) for c, name in d.after(0))
+    before = dict((name, c) for c, name in list(d.after(0)))
     for name in names(200)[::3]:
         assert d.remove(name) == 100 + int(name[1:])
     d.add(b"late", 999)
-    after = {name: c for c, name in d.after(0)}
+    after = {name: c for c, name in list(d.after(0))}
     for name, cookie in after.items():
         if name != b"late":
             assert cookie == before[name]
@@ -39,51 +39,51 @@ def test_listing_is_in_insertion_order_and_resumes_after_cookie() -> None:
     d = Directory()
     for i, name in enumerate(names(10)):
         d.add(name, i + 2)
-    entries = d.after(0)
+    entries = list(d.after(0))
     assert [n for _c, n in entries] == names(10)
     cookies = [c for c, _n in entries]
     assert cookies == sorted(cookies)
     assert len(set(cookies)) == 10
     assert all(c > 0 for c in cookies)  # 0 is the start of a listing
-    assert [n for _c, n in d.after(cookies[4])] == names(10)[5:]
-    assert d.after(cookies[-1]) == []
+    assert [n for _c, n in list(d.after(cookies[4]))] == names(10)[5:]
+    assert list(d.after(cookies[-1])) == []
 
 
 def test_replacing_an_entry_gives_it_a_new_cookie() -> None:
     d = Directory()
     d.add(b"a", 2)
     d.add(b"b", 3)
-    (c_a, _), (c_b, _) = d.after(0)
+    (c_a, _), (c_b, _) = list(d.after(0))
     d.add(b"a", 4)  # e.g. rename over an existing name
     assert d.entries[b"a"] == 4
-    assert [n for _c, n in d.after(c_b)] == [b"a"]
+    assert [n for _c, n in list(d.after(c_b))] == [b"a"]
     assert len(d) == 2
-    assert c_a not in [c for c, _n in d.after(0)]
+    assert c_a not in [c for c, _n in list(d.after(0))]
 
 
 def test_removed_cookie_still_resumes_correctly() -> None:
     d = Directory()
     for i, name in enumerate(names(5)):
         d.add(name, i)
-    cookies = [c for c, _n in d.after(0)]
+    cookies = [c for c, _n in list(d.after(0))]
     d.remove(b"f2")
-    assert [n for _c, n in d.after(cookies[2])] == [b"f3", b"f4"]
-    assert [n for _c, n in d.after(cookies[1])] == [b"f3", b"f4"]
+    assert [n for _c, n in list(d.after(cookies[2]))] == [b"f3", b"f4"]
+    assert [n for _c, n in list(d.after(cookies[1]))] == [b"f3", b"f4"]
 
 
 def test_compaction_keeps_cookies() -> None:
     d = Directory()
     for i, name in enumerate(names(500)):
         d.add(name, i)
-    cookie_of = {n: c for c, n in d.after(0)}
+    cookie_of = {n: c for c, n in list(d.after(0))}
     keep = names(500)[::10]
     for name in names(500):
         if name not in keep:
             d.remove(name)  # crosses the compaction threshold many times
     assert listing(d) == keep
-    assert {n: c for c, n in d.after(0)} == {n: cookie_of[n] for n in keep}
+    assert {n: c for c, n in list(d.after(0))} == {n: cookie_of[n] for n in keep}
     mid = cookie_of[keep[20]]
-    assert [n for _c, n in d.after(mid)] == keep[21:]
+    assert [n for _c, n in list(d.after(mid))] == keep[21:]
 
 
 # A listing read a few entries at a time while entries come and go between the
@@ -110,7 +110,7 @@ def test_paged_listing_never_skips_or_repeats(
 
     def read_page() -> None:
         nonlocal cookie, done
-        batch = d.after(cookie)[:page]
+        batch = list(d.after(cookie))[:page]
         if not batch:
             done = True
         for c, name in batch:

@@ -372,7 +372,7 @@ def test_readdir_while_removing_never_repeats(vol: Volume) -> None:
     removed = 0
     gone: set[bytes] = set()
     while True:
-        batch = vol.readdir(d.ino, cookie)[:37]
+        batch = list(vol.readdir(d.ino, cookie))[:37]
         if not batch:
             break
         for c, name, _inode in batch:
