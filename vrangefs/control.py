@@ -81,7 +81,7 @@ def stats(volume: Volume) -> dict[str, int | str]:
     data.
     """
     store = volume.store
-    volatile = volume.volatile_resident_pages() * PAGE_SIZE
+    volatile = volume.volatile_resident * PAGE_SIZE
     rss = _rss_bytes()
     out: dict[str, int | str] = {
         "pid": os.getpid(),

@@ -125,6 +125,9 @@ class Volume:
         self.high_pages = max(int(store.capacity_pages * high_watermark), 1)
         self.low_pages = min(int(store.capacity_pages * low_watermark), self.high_pages)
         self.purges = {cause: PurgeCount() for cause in PURGE_CAUSES}
+        # Resident pages inside units that can still be purged, kept up to date by
+        # every change so that stats and reclaim need not walk all units.
+        self.volatile_resident = 0
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -179,15 +182,16 @@ class Volume:
         """
         if inode.alive or inode.ino == ROOT_INO:
             return
+        self.drop_volatility(inode)
         if inode.data is not None:
             inode.data.free()
-        self.drop_volatility(inode)
         self.inodes.remove(inode.ino)
 
     def drop_volatility(self, inode: Inode) -> None:
         """Forget an inode's volatile ranges (it is being freed)."""
         if inode.vroot is not None:
-            inode.vroot.clear()
+            assert inode.data is not None
+            self.volatile_resident -= _queued_resident(inode.data, inode.vroot.clear())
             inode.vroot = None
 
     # -- creating -----------------------------------------------------------
@@ -372,10 +376,13 @@ class Volume:
         return inode
 
     def truncate(self, inode: Inode, size: int) -> None:
-        assert inode.data is not None
-        inode.data.truncate(size)
-        if inode.vroot is not None:
-            inode.vroot.truncate(pages_spanned(size))
+        data = inode.data
+        assert data is not None
+        if inode.vroot is not None:  # count the cut pages while they are still resident
+            self.volatile_resident -= _queued_resident(
+                data, inode.vroot.truncate(pages_spanned(size))
+            )
+        data.truncate(size)
 
     # -- data -----------------------------------------------------------------
     def open(self, ino: int, flags: int = 0) -> Inode:
@@ -413,7 +420,7 @@ class Volume:
     def write(self, ino: int, off: int, buf: bytes) -> int:
         inode, data = self._regular(ino)
         try:
-            written = data.write(off, buf, self.high_pages)
+            written = self._write_counted(inode, data, off, buf, self.high_pages)
         except NoSpaceError as e:
             needed = e.needed
             while True:
@@ -422,15 +429,31 @@ class Volume:
                 if not self.reclaim(needed) and self.store.free_pages < needed:
                     raise FsError(errno.ENOSPC, f"inode {ino}: {e}") from None
                 try:
-                    written = data.write(off, buf)
+                    written = self._write_counted(inode, data, off, buf, None)
                     break
                 except NoSpaceError as again:
                     needed = again.needed
-        root = inode.vroot
-        if root is not None and len(root) and written:
-            # Written pages of a purged unit hold data again: it must be purgeable again.
-            root.unpurge(off >> PAGE_SHIFT, ((off + written - 1) >> PAGE_SHIFT) + 1)
         inode.touch(mtime=True, ctime=True)
+        return written
+
+    def _write_counted(
+        self, inode: Inode, data: FileData, off: int, buf: bytes, limit: int | None
+    ) -> int:
+        """data.write, keeping volatile_resident right and requeueing purged units written to."""
+        root = inode.vroot
+        if root is None or not len(root) or not buf:
+            return data.write(off, buf, limit)
+        first, end = off >> PAGE_SHIFT, ((off + len(buf) - 1) >> PAGE_SHIFT) + 1
+        units = root.units_overlapping(first, end)
+        before = sum(
+            data.resident_in(max(u.start, first), min(u.end, end)) for u in units if not u.purged
+        )
+        written = data.write(off, buf, limit)
+        # Written pages of a purged unit hold data again: it must be purgeable again. (A
+        # purged unit holds no resident page but those just written.)
+        root.unpurge(first, end)
+        after = sum(data.resident_in(max(u.start, first), min(u.end, end)) for u in units)
+        self.volatile_resident += after - before
         return written
 
     def reclaim(self, pages: int) -> int:
@@ -481,7 +504,10 @@ class Volume:
         inode, data = self._regular(ino)
         pages = volatile_pages(offset, length, data.size)
         if pages is not None:
-            self._vroot(inode).mark_volatile(*pages)
+            root = self._vroot(inode)
+            before = _queued_resident(data, root.units_overlapping(*pages))
+            unit = root.mark_volatile(*pages)
+            self.volatile_resident += data.resident_in(unit.start, unit.end) - before
 
     def mark_nonvolatile(self, ino: int, offset: int, length: int) -> list[tuple[int, int]]:
         """Make every page touching the byte range non-volatile.
@@ -494,7 +520,7 @@ class Volume:
         if pages is None:
             return []
         if inode.vroot is not None:
-            inode.vroot.mark_nonvolatile(*pages)
+            self.volatile_resident -= _queued_resident(data, inode.vroot.mark_nonvolatile(*pages))
         return self._purged_ranges(data, *pages)
 
     def purged_ranges(self, ino: int) -> list[tuple[int, int]]:
@@ -531,8 +557,9 @@ class Volume:
     def purge_unit(self, unit: PurgeUnit, cause: str) -> int:
         """Discard a unit's resident pages; returns how many were freed."""
         inode = self.inode(unit.ino)
-        assert inode.data is not None and inode.vroot is not None
+        assert inode.data is not None and inode.vroot is not None and not unit.purged
         freed = inode.data.purge(unit.start, unit.end)
+        self.volatile_resident -= freed
         inode.vroot.mark_purged(unit)
         count = self.purges[cause]
         count.units += 1
@@ -558,8 +585,8 @@ class Volume:
     def purge_events(self) -> int:
         return sum(c.units for c in self.purges.values())
 
-    def volatile_resident_pages(self) -> int:
-        """Resident pages inside units that can still be purged (O(units): for stats)."""
+    def count_volatile_resident(self) -> int:
+        """volatile_resident counted the slow way, O(units): for check_invariants."""
         total = 0
         for inode in self.inodes:
             if inode.vroot is not None and inode.data is not None:
@@ -654,3 +681,10 @@ class Volume:
                     assert inode.nlink == 2 + subdirs, (inode.ino, inode.nlink, subdirs)
             assert inode.alive or inode.ino == ROOT_INO
         assert resident == self.store.used_pages, (resident, self.store.used_pages)
+        slow = self.count_volatile_resident()
+        assert self.volatile_resident == slow, (self.volatile_resident, slow)
+
+
+def _queued_resident(data: FileData, units: list[PurgeUnit]) -> int:
+    """Resident pages of *data* inside those of *units* that are not purged."""
+    return sum(data.resident_in(u.start, u.end) for u in units if not u.purged)
