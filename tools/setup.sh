@@ -8,7 +8,7 @@ apt-get install -y -qq fuse3 libfuse3-dev pkg-config attr gcc python3-dev python
     git sqlite3 util-linux >/dev/null
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q -e '.[test,bench]'
 # mount(8) runs /sbin/mount.<type>; the systemd units run /usr/local/bin/vrangefs.
 ln -sf "$(pwd)/.venv/bin/mount.vrangefs" /sbin/mount.vrangefs
 ln -sf "$(pwd)/.venv/bin/vrangefs" /usr/local/bin/vrangefs
