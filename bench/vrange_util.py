@@ -225,7 +225,8 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> A
 def busy() -> list[str]:
     """Other heavy processes (test runs, benchmarks) now: `pgrep -af "pytest|bench_|bench/"`.
 
-    Our own process group (this benchmark and the children it forks) does not count.
+    Our own process group (this benchmark and the children it forks) and our descendants
+    (the ceiling runs in a session of its own) do not count.
     """
     proc = subprocess.run(
         ["pgrep", "-af", "pytest|bench_|bench/"], capture_output=True, text=True, check=False
@@ -235,12 +236,25 @@ def busy() -> list[str]:
     for line in proc.stdout.splitlines():
         pid = int(line.split()[0])
         try:
-            if pid == os.getpid() or os.getpgid(pid) == ours:
+            if os.getpgid(pid) == ours or _descends_from_us(pid):
                 continue
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             continue
         out.append(line)
     return out
+
+
+def _descends_from_us(pid: int) -> bool:
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
 
 
 def add_wait_quiet(parser: argparse.ArgumentParser) -> None:
