@@ -39,6 +39,9 @@ PURGED = -2
 # that pyfuse3 supports.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_POPULATE_MIN = 16  # below this many pages a system call costs more than the faults
+
 _EMPTY_CHUNK = array("i", [HOLE]) * CHUNK_PAGES
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
@@ -82,6 +85,7 @@ class PageStore:
         self._free: list[int] = []
         self._bump = 0  # slots >= _bump have never been handed out
         self.used_pages = 0
+        self._can_populate = True
 
     # -- accounting -------------------------------------------------------
     @property
@@ -108,10 +112,26 @@ class PageStore:
             del free[-taken:]
             slots.reverse()
         if taken < count:
-            slots.extend(range(self._bump, self._bump + count - taken))
-            self._bump += count - taken
+            fresh = count - taken
+            slots.extend(range(self._bump, self._bump + fresh))
+            self._populate(self._bump, fresh)
+            self._bump += fresh
         self.used_pages += count
         return slots
+
+    def _populate(self, slot: int, count: int) -> None:
+        """Fault never-used slots in with one system call instead of one fault per page.
+
+        The write that follows would fault them one by one; MADV_POPULATE_WRITE
+        (Linux 5.14) does the same work about a quarter faster.  Where the kernel
+        lacks it, the faults simply happen on the copy.
+        """
+        if count < _POPULATE_MIN or not self._can_populate:
+            return
+        try:
+            self._mm.madvise(MADV_POPULATE_WRITE, slot << PAGE_SHIFT, count << PAGE_SHIFT)
+        except OSError:
+            self._can_populate = False
 
     def release(self, slots: list[int]) -> None:
         """Give slots back; their memory returns to the kernel at once."""
