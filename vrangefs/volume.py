@@ -67,6 +67,7 @@ PURGE_CAUSES = ("cap", "pressure", "explicit")
 # Beyond what the request itself needs, one write purges at most this many
 # pages on its way to the low watermark: the work a request may do is bounded.
 RECLAIM_EXTRA_PAGES = 16384  # 64 MiB
+RECLAIM_EXTRA_UNITS = 256  # ...and at most this many units (each costs ~15 us)
 
 
 @dataclass(slots=True)
@@ -461,15 +462,20 @@ class Volume:
 
         Purges volatile units, least recently marked first, until the write
         fits under the cap, then goes on toward the low watermark by at most
-        RECLAIM_EXTRA_PAGES more.  Non-volatile data is never touched.  The
+        RECLAIM_EXTRA_PAGES and RECLAIM_EXTRA_UNITS more.  Non-volatile data is never touched.  The
         caller finds out from the page store whether the write now fits.
         """
         store = self.store
         freed = 0
+        extra_units = 0
         must_free = pages - store.free_pages  # to fit under the hard cap
         want_free = store.used_pages + pages - self.low_pages
         want_free = min(want_free, max(must_free, 0) + RECLAIM_EXTRA_PAGES)
         while freed < max(must_free, want_free):
+            if freed >= must_free:  # only the watermark wants more: bounded work
+                extra_units += 1
+                if extra_units > RECLAIM_EXTRA_UNITS:
+                    break
             unit = self.order.oldest()
             if unit is None:
                 break
