@@ -19,8 +19,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from vrangefs.protocol import parse_size
+
+if TYPE_CHECKING:
+    from vrangefs.mount import MountConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             f"--low-watermark {args.low_watermark} is above --high-watermark "
             f"{args.high_watermark}: expected low <= high"
         )
+    if args.pressure_purge not in ("on", "off"):
+        raise UserError(f"invalid pressure_purge={args.pressure_purge!r}: expected 'on' or 'off'")
     pressure_config = None
     if args.pressure_purge == "on":
         from vrangefs.memory import MemoryProbe
@@ -243,10 +249,9 @@ def _fraction(option: str, text: str) -> float:
     return value
 
 
-def run_foreground(config: object, args: argparse.Namespace) -> int:
-    from vrangefs.mount import MountConfig, run, setup_logging
+def run_foreground(config: MountConfig, args: argparse.Namespace) -> int:
+    from vrangefs.mount import run, setup_logging
 
-    assert isinstance(config, MountConfig)
     setup_logging(args.debug, args.log_file)
     ready_fd: int | None = args.ready_fd
 
