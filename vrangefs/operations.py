@@ -134,6 +134,8 @@ class Operations(pyfuse3.Operations):
         and releases the lock once the kernel has dropped the inode's cached
         pages.  Returns the inodes purged.
         """
+        if not self.volume.stale_inodes:  # the common case, on every write
+            return []
         purged = list(self.volume.take_stale())
         for ino in purged:
             root = self.volume.vroot_of(ino)
@@ -151,8 +153,8 @@ class Operations(pyfuse3.Operations):
         return purged
 
     async def finish_purges(self) -> None:
-        """After a purge outside any request (memory pressure): wait until the kernel
-        holds no purged page any more."""
+        """After a purge that need not fear locked pages (explicit, memory pressure):
+        wait until the kernel holds no purged page any more."""
         for ino in self.flush_stale():
             await self.settled(ino)
 
@@ -413,10 +415,7 @@ class Operations(pyfuse3.Operations):
         if name == NONVOLATILE_B:
             await self.settled(inode)
         control.setxattr(self.volume, inode, name, value)
-        purged = self.volume.stale_inodes.copy()
-        self.flush_stale()
-        for ino in purged:  # an explicit purge returns once no stale page is left
-            await self.settled(ino)
+        await self.finish_purges()  # an explicit purge returns once no stale page is left
 
     @_handler
     async def listxattr(
