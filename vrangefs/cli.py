@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vrangefs.memory import meminfo
 from vrangefs.protocol import parse_size
 
 if TYPE_CHECKING:
@@ -36,17 +37,9 @@ class UserError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
-def total_ram() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise UserError("cannot read MemTotal from /proc/meminfo")
-
-
 def memory_cap(text: str) -> int:
     try:
-        return parse_size(text, total_ram())
+        return parse_size(text, meminfo()["MemTotal"])
     except ValueError as e:
         raise UserError(f"invalid --memory-cap {text!r}: {e}") from None
 

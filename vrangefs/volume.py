@@ -536,29 +536,16 @@ class Volume:
 
     @staticmethod
     def _purged_ranges(data: FileData, first: int, end: int) -> list[tuple[int, int]]:
-        out = []
-        for page, count in data.purged_runs():
-            lo = max(page, first)
-            hi = min(page + count, end)
-            if lo < hi:
-                start = lo * PAGE_SIZE
-                stop = min(hi * PAGE_SIZE, data.size)
-                if start < stop:
-                    out.append((start, stop - start))
-        return out
+        runs = ((max(page, first), min(page + count, end)) for page, count in data.purged_runs())
+        return [r for lo, hi in runs if lo < hi and (r := _byte_range(data, lo, hi))]
 
     def volatile_ranges(self, ino: int) -> list[tuple[int, int]]:
         """The file's purge units as byte ranges, clipped to its size."""
         inode, data = self._regular(ino)
         if inode.vroot is None:
             return []
-        out = []
-        for unit in inode.vroot.units():
-            start = unit.start * PAGE_SIZE
-            stop = min(unit.end * PAGE_SIZE, data.size)
-            if start < stop:
-                out.append((start, stop - start))
-        return out
+        units = inode.vroot.units()
+        return [r for u in units if (r := _byte_range(data, u.start, u.end))]
 
     def purge_unit(self, unit: PurgeUnit, cause: str) -> int:
         """Discard a unit's resident pages; returns how many were freed."""
@@ -593,13 +580,11 @@ class Volume:
 
     def count_volatile_resident(self) -> int:
         """volatile_resident counted the slow way, O(units): for check_invariants."""
-        total = 0
-        for inode in self.inodes:
-            if inode.vroot is not None and inode.data is not None:
-                for unit in inode.vroot.units():
-                    if not unit.purged:
-                        total += inode.data.resident_in(unit.start, unit.end)
-        return total
+        return sum(
+            _queued_resident(inode.data, inode.vroot.units())
+            for inode in self.inodes
+            if inode.vroot is not None and inode.data is not None
+        )
 
     def take_stale(self) -> set[int]:
         """Inodes whose pages were purged since the last call (their kernel cache is stale)."""
@@ -694,3 +679,10 @@ class Volume:
 def _queued_resident(data: FileData, units: list[PurgeUnit]) -> int:
     """Resident pages of *data* inside those of *units* that are not purged."""
     return sum(data.resident_in(u.start, u.end) for u in units if not u.purged)
+
+
+def _byte_range(data: FileData, first: int, end: int) -> tuple[int, int] | None:
+    """Pages [first, end) as (offset, length) clipped to the file size; None if past it."""
+    start = first * PAGE_SIZE
+    stop = min(end * PAGE_SIZE, data.size)
+    return (start, stop - start) if start < stop else None
