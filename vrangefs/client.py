@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vrangefs import protocol
-from vrangefs.pagestore import PAGE_SIZE
+from vrangefs.protocol import PAGE_SIZE
 
 Target = str | os.PathLike[str] | int
 Range = tuple[int, int]

@@ -26,7 +26,8 @@ import mmap
 from array import array
 from collections.abc import Iterator
 
-PAGE_SIZE = 4096
+from vrangefs.protocol import PAGE_SIZE
+
 PAGE_SHIFT = 12
 CHUNK_SHIFT = 8
 CHUNK_PAGES = 1 << CHUNK_SHIFT  # 256 pages = 1 MiB of file per chunk

@@ -15,9 +15,20 @@ from __future__ import annotations
 import errno
 import re
 from collections.abc import Iterable, Mapping
+from enum import Enum
 from fractions import Fraction
 
-from vrangefs.pagestore import PAGE_SIZE
+PAGE_SIZE = 4096
+"""The unit of volatility, purging and memory accounting (the contract fixes it)."""
+
+
+class PurgeCause(Enum):
+    """Why units were purged; the value names the statistics (``purge_events_cap``, ...)."""
+
+    CAP = "cap"  # a write needed room under the memory cap
+    PRESSURE = "pressure"  # the machine or the daemon's cgroup ran short of memory
+    EXPLICIT = "explicit"  # user.vrange.purge=all
+
 
 XATTR_PREFIX = "user.vrange."
 VOLATILE = "user.vrange.volatile"
