@@ -33,6 +33,16 @@ CHUNK_SHIFT = 8
 CHUNK_PAGES = 1 << CHUNK_SHIFT  # 256 pages = 1 MiB of file per chunk
 CHUNK_MASK = CHUNK_PAGES - 1
 
+__all__ = [
+    "PAGE_SHIFT",
+    "PAGE_SIZE",
+    "FileData",
+    "NoSpaceError",
+    "PageStore",
+    "PurgedPageError",
+    "pages_spanned",
+]
+
 HOLE = -1
 PURGED = -2
 
