@@ -25,7 +25,7 @@ from vrangefs.memory import meminfo
 from vrangefs.protocol import parse_size
 
 if TYPE_CHECKING:
-    from vrangefs.mount import MountConfig
+    from vrangefs.config import MountConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def split_options(values: Sequence[str]) -> list[str]:
 
 # -- mount ----------------------------------------------------------------------
 def cmd_mount(args: argparse.Namespace) -> int:
-    from vrangefs.mount import MountConfig  # imports pyfuse3: keep the other commands light
+    from vrangefs.config import MountConfig
 
     fuse_opts, root = apply_mount_options(args)
     cap = memory_cap(args.memory_cap)
@@ -121,8 +121,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError(f"invalid pressure_purge={args.pressure_purge!r}: expected 'on' or 'off'")
     pressure_config = None
     if args.pressure_purge == "on":
+        from vrangefs.config import PressureConfig
         from vrangefs.memory import MemoryProbe
-        from vrangefs.pressure import PressureConfig
 
         try:
             min_free = parse_size(args.min_free, MemoryProbe().total())

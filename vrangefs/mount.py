@@ -14,37 +14,19 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TextIO, cast
 
 import pyfuse3
 import trio
 
 from vrangefs import pressure, sdnotify
+from vrangefs.config import MountConfig
 from vrangefs.memory import MemoryProbe
 from vrangefs.operations import Operations
 from vrangefs.pagestore import PageStore
-from vrangefs.pressure import PressureConfig
 from vrangefs.volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class MountConfig:
-    """Everything the daemon needs; built and validated by the CLI."""
-
-    mountpoint: str
-    memory_cap: int
-    fuse_options: list[str] = field(default_factory=list)
-    purged_reads_zeros: bool = False
-    root_mode: int = 0o1777
-    root_uid: int | None = None
-    root_gid: int | None = None
-    workers: int = 32
-    high_watermark: float = 1.0
-    low_watermark: float = 0.95
-    pressure: PressureConfig | None = None
 
 
 def fuse_options(config: MountConfig) -> set[str]:

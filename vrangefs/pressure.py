@@ -21,10 +21,10 @@ import logging
 import os
 import select
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
+from vrangefs.config import PressureConfig
 from vrangefs.memory import MemoryProbe
 from vrangefs.pagestore import PAGE_SIZE
 from vrangefs.volume import Volume
@@ -33,12 +33,6 @@ log = logging.getLogger(__name__)
 
 PSI_TRIGGER = b"some 100000 1000000"  # 100 ms of stall within any 1 s window
 ROUND_PAGES = 65536  # purge at most 256 MiB between two readings
-
-
-@dataclass(frozen=True)
-class PressureConfig:
-    min_free: int  # bytes of available memory below which units are purged
-    interval: float = 0.5  # seconds between readings
 
 
 class PsiTrigger:
