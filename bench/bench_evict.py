@@ -173,6 +173,7 @@ def model_victims(units: int, max_rounds: int) -> dict[str, Any]:
     """The same on vrangefs' in-process model: Volume.write past the cap, Volume.purge_all."""
     from vrangefs.inodes import ROOT_INO  # noqa: PLC0415  (daemon code, only here)
     from vrangefs.pagestore import PageStore  # noqa: PLC0415
+    from vrangefs.protocol import PurgeCause  # noqa: PLC0415
     from vrangefs.volume import Caller, Volume  # noqa: PLC0415
 
     volume = Volume(PageStore((units + 1) * PAGE), low_watermark=0.5)
@@ -184,11 +185,15 @@ def model_victims(units: int, max_rounds: int) -> dict[str, Any]:
         volume.mark_volatile(ino, i * PAGE, PAGE)
     page = b"\xa5" * PAGE
     rounds: list[dict[str, float]] = []
-    cap = volume.purges["cap"]
+    reclaim = volume.reclaim
+
+    def cap_units() -> int:
+        return reclaim.statistics().purge_events[PurgeCause.CAP]
+
     for r in range(max_rounds):
         free = volume.store.free_pages
-        per_round = min(units - volume.low_pages, 16384) + 1
-        if len(volume.order) < 2 * per_round and r > 0:
+        per_round = min(units - reclaim.low_pages, 16384) + 1
+        if len(reclaim.order) < 2 * per_round and r > 0:
             break
         w = volume.create(ROOT_INO, b"round-%d" % r, 0o644, Caller(0, 0)).ino
         start = time.perf_counter()
@@ -196,15 +201,15 @@ def model_victims(units: int, max_rounds: int) -> dict[str, Any]:
         base = time.perf_counter() - start
         if free > 1:
             volume.write(w, PAGE, b"\x5a" * ((free - 1) * PAGE))
-        before = cap.units
+        before = cap_units()
         start = time.perf_counter()
         volume.write(w, free * PAGE, page)
         rounds.append(
-            {"write_s": time.perf_counter() - start, "base_s": base, "units": cap.units - before}
+            {"write_s": time.perf_counter() - start, "base_s": base, "units": cap_units() - before}
         )
-    left = len(volume.order)
+    left = len(reclaim.order)
     start = time.perf_counter()
-    volume.purge_all()
+    reclaim.purge_all()
     return {"rounds": rounds, "explicit_s": time.perf_counter() - start, "explicit_units": left}
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from vrangefs import protocol
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO
-from vrangefs.pagestore import PAGE_SIZE
+from vrangefs.protocol import PAGE_SIZE, PurgeCause
 from vrangefs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _set_purge(volume: Volume, ino: int, value: bytes) -> None:
     except protocol.XattrValueError as e:
         log.warning("%s: %s", protocol.PURGE, e)
         raise FsError(e.errno, str(e)) from None
-    units = volume.purge_all()
+    units = volume.reclaim.purge_all()
     log.info("purge all: %d units purged", units)
 
 
@@ -80,28 +80,30 @@ def stats(volume: Volume) -> dict[str, int | str]:
     inode table, page tables and interval trees, everything that is not file
     data.
     """
-    store = volume.store
-    volatile = volume.volatile_resident * PAGE_SIZE
+    r = volume.reclaim.statistics()
+    resident = r.resident_pages * PAGE_SIZE
+    volatile = r.volatile_pages * PAGE_SIZE
     rss = _rss_bytes()
     out: dict[str, int | str] = {
         "pid": os.getpid(),
-        "memory_cap": store.cap_bytes,
-        "resident_bytes": store.resident_bytes,
+        "memory_cap": r.capacity_pages * PAGE_SIZE,
+        "resident_bytes": resident,
         "volatile_bytes": volatile,
-        "nonvolatile_bytes": store.resident_bytes - volatile,
-        "purged_bytes_total": volume.purged_pages_total * PAGE_SIZE,
-        "purge_events": volume.purge_events,
+        "nonvolatile_bytes": resident - volatile,
+        "purged_bytes_total": sum(r.purged_pages.values()) * PAGE_SIZE,
+        "purge_events": sum(r.purge_events.values()),
     }
-    for cause, count in volume.purges.items():
-        out[f"purged_bytes_{cause}"] = count.pages * PAGE_SIZE
-        out[f"purge_events_{cause}"] = count.units
+    for cause in PurgeCause:
+        out[f"purged_bytes_{cause.value}"] = r.purged_pages[cause] * PAGE_SIZE
+        out[f"purge_events_{cause.value}"] = r.purge_events[cause]
     out.update(
-        volatile_units=len(volume.order),
+        volatile_units=r.volatile_units,
+        purgeable_units=r.purgeable_units,
         inodes=len(volume.inodes),
-        high_watermark_bytes=volume.high_pages * PAGE_SIZE,
-        low_watermark_bytes=volume.low_pages * PAGE_SIZE,
+        high_watermark_bytes=r.high_pages * PAGE_SIZE,
+        low_watermark_bytes=r.low_pages * PAGE_SIZE,
         daemon_rss_bytes=rss,
-        metadata_bytes=max(rss - store.resident_bytes, 0),
+        metadata_bytes=max(rss - resident, 0),
     )
     return out
 

@@ -28,6 +28,8 @@ from vrangefs.volume import Volume
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_TASKS = 2**31 - 1  # pyfuse3 takes a C int: in effect, no limit
+
 
 def fuse_options(config: MountConfig) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
@@ -59,12 +61,19 @@ def _served() -> None:
 async def _serve(ops: Operations, config: MountConfig) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
-        nursery.start_soon(ops.run_invalidator)
+        nursery.start_soon(ops.invalidator.run)
         if config.pressure is not None:
             nursery.start_soon(
-                pressure.watch, ops.volume, MemoryProbe(), config.pressure, ops.finish_purges
+                pressure.watch,
+                ops.volume.reclaim,
+                MemoryProbe(),
+                config.pressure,
+                ops.invalidator,
             )
-        await pyfuse3.main(min_tasks=1, max_tasks=config.workers)
+        # No cap on request tasks: a request waiting for an invalidation must
+        # never keep a READ that the invalidation waits for from being served.
+        # Tasks are bounded by the requests the kernel has in flight.
+        await pyfuse3.main(min_tasks=1, max_tasks=MAX_REQUEST_TASKS)
         nursery.cancel_scope.cancel()
 
 

@@ -12,20 +12,17 @@ import errno
 import functools
 import logging
 import os
-import time
-from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
-import trio
 
 from vrangefs import control
 from vrangefs.errors import FsError
 from vrangefs.inodes import Inode
-from vrangefs.protocol import NONVOLATILE_B, PURGED_B, STATS_B, format_stats
+from vrangefs.invalidation import Invalidator
+from vrangefs.protocol import NONVOLATILE_B, PAGE_SIZE, PURGED_B, STATS_B, format_stats
 from vrangefs.volume import AttrChange, Caller, Volume
-from vrangefs.vrange import PurgeLock
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +79,21 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
     return Caller(ctx.uid, ctx.gid)
 
 
+# A file handle is the inode number and one bit: opened for reading and writing.
+# Only such a handle can carry a shared writable mapping, whose dirty pages the
+# kernel writes back through it.
+_RW = 1
+
+
+def _file_handle(ino: int, flags: int) -> pyfuse3.FileHandleT:
+    rw = _RW if flags & os.O_ACCMODE == os.O_RDWR else 0
+    return pyfuse3.FileHandleT(ino << 1 | rw)
+
+
+def _ino(fh: int) -> int:
+    return fh >> 1
+
+
 class Operations(pyfuse3.Operations):
     """FUSE request handlers over one :class:`Volume`."""
 
@@ -89,15 +101,17 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False  # partial writes into purged pages must not read first
     enable_acl = False
 
-    def __init__(self, volume: Volume, on_init: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        on_init: Callable[[], None] | None = None,
+        invalidate: Callable[[int], None] | None = None,
+    ) -> None:
         super().__init__()
         self.volume = volume
         self._on_init = on_init
-        self._nursery: trio.Nursery | None = None
-        self._reinvalidate: set[int] = set()
-        self._writing: Counter[int] = Counter()  # inodes with a WRITE in our hands
-        self.invalidations = 0
-        self.invalidation_max_s = 0.0
+        self.invalidator = Invalidator(invalidate or _invalidate_inode)
+        volume.reclaim.listener = self.invalidator
 
     def init(self) -> None:
         """The kernel's INIT request arrived: from now on requests are served."""
@@ -117,75 +131,12 @@ class Operations(pyfuse3.Operations):
         attr.st_gid = inode.gid
         attr.st_rdev = inode.rdev
         attr.st_size = inode.size
-        attr.st_blksize = 4096
+        attr.st_blksize = PAGE_SIZE
         attr.st_blocks = inode.blocks
         attr.st_atime_ns = inode.atime_ns
         attr.st_mtime_ns = inode.mtime_ns
         attr.st_ctime_ns = inode.ctime_ns
         return attr
-
-    def flush_stale(self) -> list[int]:
-        """Start invalidating the kernel's cache of every inode a purge just touched.
-
-        Called right after any volume call that may purge, with no await in
-        between, so each purged inode's ``vrange_root`` lock is taken in the
-        same atomic step as the purge.  Each invalidation runs as its own task
-        (one may block on pages the kernel holds locked while another proceeds)
-        and releases the lock once the kernel has dropped the inode's cached
-        pages.  Returns the inodes purged.
-        """
-        if not self.volume.stale_inodes:  # the common case, on every write
-            return []
-        purged = list(self.volume.take_stale())
-        for ino in purged:
-            root = self.volume.vroot_of(ino)
-            if root is not None and root.lock.locked():
-                self._reinvalidate.add(ino)  # under way: that task repeats it
-                continue
-            lock = root.lock if root is not None else None
-            if lock is not None:
-                lock.acquire_nowait()
-            if self._nursery is None:  # not serving (the adapter driven directly)
-                if lock is not None:
-                    lock.release()
-                continue
-            self._nursery.start_soon(self._invalidate, ino, lock)
-        return purged
-
-    async def finish_purges(self) -> None:
-        """After a purge that need not fear locked pages (explicit, memory pressure):
-        wait until the kernel holds no purged page any more."""
-        for ino in self.flush_stale():
-            await self.settled(ino)
-
-    async def settled(self, ino: int) -> None:
-        """Wait until no purge of *ino* is still visible in the kernel's cache."""
-        root = self.volume.vroot_of(ino)
-        if root is not None:
-            await root.lock.wait_released()
-
-    async def _invalidate(self, ino: int, lock: PurgeLock | None) -> None:
-        started = time.monotonic()
-        try:
-            while True:
-                self._reinvalidate.discard(ino)
-                await trio.to_thread.run_sync(_invalidate_inode, ino)
-                if ino not in self._reinvalidate:
-                    break
-        finally:
-            if lock is not None:
-                lock.release()
-        self.invalidations += 1
-        self.invalidation_max_s = max(self.invalidation_max_s, time.monotonic() - started)
-
-    async def run_invalidator(self) -> None:
-        """Host the invalidation tasks until cancelled (a task of the daemon's nursery)."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
 
     # -- lookups and attributes ---------------------------------------------------
     @_handler
@@ -302,7 +253,7 @@ class Operations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.FileInfo:
         self.volume.open(inode, flags)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=_file_handle(inode, flags), keep_cache=True)
 
     @_handler
     async def create(
@@ -314,41 +265,48 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         inode = self.volume.create(parent_inode, name, mode, _caller(ctx))
-        info = pyfuse3.FileInfo(fh=inode.ino, keep_cache=True)
+        info = pyfuse3.FileInfo(fh=_file_handle(inode.ino, flags), keep_cache=True)
         return info, self.attributes(inode)
 
     @_handler
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         # pyfuse3 takes any contiguous buffer; a memoryview into the arena
         # saves a copy and is consumed before any other task runs.
-        return cast(bytes, self.volume.read(fh, off, size))
+        return cast(bytes, self.volume.read(_ino(fh), off, size))
 
     @_handler
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         """Store data; if that purged other files, return once their cache is dropped.
 
-        The kernel keeps the pages of an in-flight WRITE locked until we reply,
-        and dropping an inode's cache waits for those locks.  So a write never
-        waits for an inode that has a WRITE in our hands (its own included, or
-        two writers purging each other's files would deadlock); those are
-        invalidated in the background, the others before the reply.
+        Writeback of a page cached before it was purged must not bring its old
+        bytes back.  Dropping the kernel's cache writes dirty mapped pages back
+        first, one page per WRITE, through a read-write handle; pyfuse3 does not
+        tell us a WRITE is writeback.  So while an inode is flushing, a WRITE of
+        at most one page, page-aligned, through a read-write handle, into a
+        purged page is refused with EIO: the kernel then drops the page and
+        reports the loss to msync/fsync, and the unit stays purged whole.  A
+        write(2) of that shape racing the flush gets EIO too (rare; retrying
+        works once the flush is done).
         """
-        self._writing[fh] += 1
-        try:
-            written = self.volume.write(fh, off, buf)
-            purged = self.flush_stale()
-            for ino in purged:
-                if not self._writing[ino]:
-                    await self.settled(ino)
-            return written
-        finally:
-            self._writing[fh] -= 1
-            if not self._writing[fh]:
-                del self._writing[fh]
+        ino = _ino(fh)
+        invalidator = self.invalidator
+        if (
+            fh & _RW
+            and not off % PAGE_SIZE
+            and len(buf) <= PAGE_SIZE
+            and invalidator.flushing(ino)
+            and self.volume.touches_purged(ino, off, len(buf))
+        ):
+            raise FsError(errno.EIO, f"inode {ino}: writeback into page {off // PAGE_SIZE}, purged")
+        with invalidator.writing(ino):
+            with invalidator.recording() as purged:
+                written = self.volume.write(ino, off, buf)
+            await invalidator.settle(purged, from_write=True)
+        return written
 
     @_handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
-        self.volume.release(fh)
+        self.volume.release(_ino(fh))
 
     @_handler
     async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
@@ -386,13 +344,13 @@ class Operations(pyfuse3.Operations):
     ) -> bytes:
         if control.is_control(name):
             if name == PURGED_B:
-                await self.settled(inode)
+                await self.invalidator.settled(inode)
             value = control.getxattr(self.volume, inode, name)
             if name == STATS_B:  # what only the adapter knows: the kernel-cache side
                 value += format_stats(
                     {
-                        "invalidations": self.invalidations,
-                        "invalidation_max_us": int(self.invalidation_max_s * 1e6),
+                        "invalidations": self.invalidator.invalidations,
+                        "invalidation_max_us": int(self.invalidator.invalidation_max_s * 1e6),
                     }
                 )
             return value
@@ -413,9 +371,10 @@ class Operations(pyfuse3.Operations):
             _pending_faults.add(value.decode(errors="replace").strip())
             return
         if name == NONVOLATILE_B:
-            await self.settled(inode)
-        control.setxattr(self.volume, inode, name, value)
-        await self.finish_purges()  # an explicit purge returns once no stale page is left
+            await self.invalidator.settled(inode)
+        with self.invalidator.recording() as purged:
+            control.setxattr(self.volume, inode, name, value)
+        await self.invalidator.settle(purged)  # a purge returns once no stale page is left
 
     @_handler
     async def listxattr(

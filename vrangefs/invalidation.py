@@ -1,0 +1,189 @@
+"""The one owner of the rule "after a purge, no reader sees the old bytes".
+
+The kernel caches file pages (``keep_cache``: shared mmap needs it), so when
+reclaim discards pages the kernel's copy must be dropped too.  Reclaim reports
+each purge to :meth:`Invalidator.purged` in the same atomic step as the purge;
+from then until the kernel has dropped the inode's cached pages the inode is
+*flushing*.  This is the lock half of the contract's per-inode ``vrange_root``
+(the interval tree half is :class:`vrangefs.vrange.VrangeRoot`), kept here
+because waiting is an event-loop matter:
+
+- Every way a process can learn of a purge waits for it: marking non-volatile
+  and reading ``user.vrange.purged`` wait until the inode is no longer flushing
+  (:meth:`settled`); a request that purged returns once its purges are flushed
+  (:meth:`settle`); and the purge counters of ``user.vrange.stats`` leave out
+  purges still flushing (:meth:`unpublished`).
+- Generations, not a plain lock: each purge of an inode bumps its generation,
+  and a waiter waits for the generation it saw, so purges that keep coming
+  cannot starve it.  One invalidation task per inode repeats until the kernel
+  holds nothing older than the newest purge.
+- Deadlock rules.  Dropping an inode's cache waits for pages the kernel holds
+  locked for requests in flight: a READ, and the pages of a WRITE until we
+  reply.  So (1) the daemon never caps its request tasks (a waiting request
+  must never keep a READ from being served), and (2) a WRITE never waits for an
+  inode that has a WRITE in our hands, its own included (:meth:`writing`);
+  those are flushed in the background.
+- Invalidation runs in worker threads of its own limiter, since the call
+  blocks in the kernel.
+
+The invalidation call itself is injected, so this module knows nothing of
+pyfuse3 and adapter tests can record what is invalidated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+import trio
+
+from vrangefs.protocol import PurgeCause
+
+log = logging.getLogger(__name__)
+
+INVALIDATION_THREADS = 64
+
+
+class _Flush:
+    """The invalidation state of one inode while it has purges not yet flushed."""
+
+    __slots__ = ("clean", "done", "purged", "running", "unpublished")
+
+    def __init__(self) -> None:
+        self.purged = 0  # generation: purges of this inode so far
+        self.clean = 0  # purges whose pages the kernel no longer caches
+        self.running = False
+        self.done = trio.Event()  # set, and replaced, after every pass
+        self.unpublished: list[tuple[int, PurgeCause, int]] = []  # (generation, cause, pages)
+
+
+class Invalidator:
+    """Drops the kernel's cached copy of purged pages and orders readers after it."""
+
+    def __init__(self, invalidate: Callable[[int], None]) -> None:
+        self._invalidate = invalidate  # blocking: drop the kernel's cache of one inode
+        self._flushes: dict[int, _Flush] = {}
+        self._writing: Counter[int] = Counter()  # inodes with a WRITE in our hands
+        self._recording: set[int] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._limiter = trio.CapacityLimiter(INVALIDATION_THREADS)
+        self._unpublished_pages: Counter[PurgeCause] = Counter()
+        self._unpublished_units: Counter[PurgeCause] = Counter()
+        self.invalidations = 0
+        self.invalidation_max_s = 0.0
+
+    # -- told by reclaim ----------------------------------------------------
+    def purged(self, ino: int, cause: PurgeCause, pages: int) -> None:
+        """Reclaim discarded *pages* pages of *ino*: start dropping the kernel's copy."""
+        flush = self._flushes.get(ino)
+        if flush is None:
+            flush = self._flushes[ino] = _Flush()
+        flush.purged += 1
+        flush.unpublished.append((flush.purged, cause, pages))
+        self._unpublished_pages[cause] += pages
+        self._unpublished_units[cause] += 1
+        if self._recording is not None:
+            self._recording.add(ino)
+        self._start(ino, flush)
+
+    # -- used by request handlers ---------------------------------------------
+    @contextmanager
+    def recording(self) -> Iterator[set[int]]:
+        """Collect the inodes purged inside the (synchronous) block."""
+        outer, self._recording = self._recording, set()
+        try:
+            yield self._recording
+        finally:
+            if outer is not None:
+                outer |= self._recording
+            self._recording = outer
+
+    @contextmanager
+    def writing(self, ino: int) -> Iterator[None]:
+        """Mark a WRITE to *ino* as in our hands for the duration of the block."""
+        self._writing[ino] += 1
+        try:
+            yield
+        finally:
+            self._writing[ino] -= 1
+            if not self._writing[ino]:
+                del self._writing[ino]
+
+    def flushing(self, ino: int) -> bool:
+        """Whether the kernel may still cache pages of *ino* that were purged."""
+        flush = self._flushes.get(ino)
+        return flush is not None and flush.clean < flush.purged
+
+    async def settled(self, ino: int) -> None:
+        """Wait until the kernel caches nothing of *ino* purged before this call."""
+        flush = self._flushes.get(ino)
+        if flush is None:
+            return
+        target = flush.purged
+        while flush.clean < target:
+            await flush.done.wait()
+
+    async def settle(self, inos: Iterable[int], *, from_write: bool = False) -> None:
+        """Wait until the purges of *inos* so far are flushed.
+
+        From a WRITE handler, inodes with a WRITE in our hands are left to flush
+        in the background (waiting for them could deadlock two writers).
+        """
+        for ino in inos:
+            if not (from_write and self._writing[ino]):
+                await self.settled(ino)
+
+    def unpublished(self) -> tuple[dict[PurgeCause, int], dict[PurgeCause, int]]:
+        """(pages, units) purged per cause whose pages the kernel may still cache."""
+        return dict(self._unpublished_pages), dict(self._unpublished_units)
+
+    # -- the flushing tasks ------------------------------------------------------
+    async def run(self) -> None:
+        """Host the invalidation tasks until cancelled (a task of the daemon's nursery)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                for ino, flush in list(self._flushes.items()):
+                    self._start(ino, flush)
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+
+    def _start(self, ino: int, flush: _Flush) -> None:
+        if not flush.running and self._nursery is not None:
+            flush.running = True
+            self._nursery.start_soon(self._flush, ino, flush)
+
+    async def _flush(self, ino: int, flush: _Flush) -> None:
+        started = time.monotonic()
+        try:
+            while flush.clean < flush.purged:
+                target = flush.purged
+                try:
+                    await trio.to_thread.run_sync(self._invalidate, ino, limiter=self._limiter)
+                except Exception:  # a bug: the kernel may keep stale pages, the daemon serves on
+                    log.exception("invalidating inode %d failed", ino)
+                flush.clean = target
+                self._publish(flush, target)
+                done, flush.done = flush.done, trio.Event()
+                done.set()
+        finally:
+            flush.running = False
+            if flush.clean == flush.purged and self._flushes.get(ino) is flush:
+                del self._flushes[ino]
+        self.invalidations += 1
+        self.invalidation_max_s = max(self.invalidation_max_s, time.monotonic() - started)
+
+    def _publish(self, flush: _Flush, generation: int) -> None:
+        keep = []
+        for entry in flush.unpublished:
+            gen, cause, pages = entry
+            if gen <= generation:
+                self._unpublished_pages[cause] -= pages
+                self._unpublished_units[cause] -= 1
+            else:
+                keep.append(entry)
+        flush.unpublished = keep

@@ -1,0 +1,291 @@
+"""Reclaim: what may be purged, in which order, when, and what it cost.
+
+One :class:`Reclaim` per mount owns the mount-wide purge order, the watermarks,
+the count of purgeable resident pages and the purge statistics.  The volume
+calls it for every change that touches volatility (mark, unmark, write,
+truncate, freeing an inode) and for every purge (a write that needs room under
+the cap, memory pressure, purge-all); nothing else changes the order or the
+counts.  It is the place where further kinds of purgeable things plug in.
+
+Every purge is reported, in the same synchronous step, to the
+:class:`PurgeListener` (the daemon's invalidator, which drops the kernel's
+cached copy of the purged pages): no caller can forget to.
+
+A unit is in the purge order only while it holds resident pages and is not
+purged, so units over holes cost reclaim nothing.  A unit that loses its pages
+otherwise (a truncate, a split) is dropped from the order when reclaim reaches
+it; a write into a unit that is out of the order puts it back, with its old
+mark time.
+
+Pure and synchronous, like the rest of the core: no FUSE, no event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from vrangefs.pagestore import PAGE_SHIFT, FileData, NoSpaceError, PageStore
+from vrangefs.protocol import PurgeCause
+from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
+
+log = logging.getLogger(__name__)
+
+# Beyond what the request itself needs, one write purges at most this many
+# pages on its way to the low watermark: the work a request may do is bounded.
+RECLAIM_EXTRA_PAGES = 16384  # 64 MiB
+RECLAIM_EXTRA_UNITS = 256  # ...and at most this many units (each costs ~15 us)
+
+
+class PurgeListener(Protocol):
+    """Told of every purge, synchronously, before the purging call returns."""
+
+    def purged(self, ino: int, cause: PurgeCause, pages: int) -> None: ...
+
+    def unpublished(self) -> tuple[dict[PurgeCause, int], dict[PurgeCause, int]]:
+        """(pages, units) per cause of purges readers cannot observe yet: left out of stats."""
+        ...
+
+
+FileOf = Callable[[int], tuple[FileData, VrangeRoot]]
+"""Maps an inode number to its data and volatile ranges (the inode table's view)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReclaimStats:
+    """A snapshot of reclaim's state and counters, in pages and units."""
+
+    capacity_pages: int
+    resident_pages: int
+    volatile_pages: int  # resident pages in units that can still be purged
+    volatile_units: int  # every unit of the mount, purged ones and those over holes included
+    purgeable_units: int  # units in the purge order: not purged, holding resident pages
+    high_pages: int
+    low_pages: int
+    purged_pages: dict[PurgeCause, int]
+    purge_events: dict[PurgeCause, int]
+
+    def minus(self, pages: dict[PurgeCause, int], units: dict[PurgeCause, int]) -> ReclaimStats:
+        """The same snapshot without some purges (those readers cannot observe yet)."""
+        return ReclaimStats(
+            self.capacity_pages,
+            self.resident_pages,
+            self.volatile_pages,
+            self.volatile_units,
+            self.purgeable_units,
+            self.high_pages,
+            self.low_pages,
+            {c: n - pages.get(c, 0) for c, n in self.purged_pages.items()},
+            {c: n - units.get(c, 0) for c, n in self.purge_events.items()},
+        )
+
+
+class Reclaim:
+    """The mount's reclaim policy and volatility accounting (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: PageStore,
+        file_of: FileOf,
+        *,
+        high_watermark: float = 1.0,
+        low_watermark: float = 0.95,
+    ) -> None:
+        if not 0 < low_watermark <= high_watermark <= 1:
+            raise ValueError(
+                f"watermarks must satisfy 0 < low ({low_watermark}) <= high ({high_watermark}) <= 1"
+            )
+        self.store = store
+        self._file_of = file_of
+        self.order = PurgeOrder()
+        self.listener: PurgeListener | None = None
+        # A write that would take resident data over the high watermark purges
+        # volatile units down to the low one, so writes streaming near the cap
+        # do not purge on every request.
+        self.high_pages = max(int(store.capacity_pages * high_watermark), 1)
+        self.low_pages = min(int(store.capacity_pages * low_watermark), self.high_pages)
+        self._purged_pages = dict.fromkeys(PurgeCause, 0)
+        self._purge_events = dict.fromkeys(PurgeCause, 0)
+        # Resident pages inside units that are not purged, and all units, kept up
+        # to date by every change so that stats and reclaim need not walk them.
+        self.volatile_pages = 0
+        self.units = 0
+
+    def new_root(self, ino: int) -> VrangeRoot:
+        return VrangeRoot(ino, self.order)
+
+    # -- volatility changes -------------------------------------------------
+    def mark_volatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
+        found = root.units_overlapping(start, end)
+        before = _queued_resident(data, found)
+        unit = root.mark_volatile(start, end)
+        self.units += 1 - len(found)
+        resident = data.resident_in(unit.start, unit.end)
+        self.volatile_pages += resident - before
+        if not resident:
+            self.order.discard(unit)  # nothing to free: it waits for a write
+
+    def mark_nonvolatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
+        units = len(root)
+        self.volatile_pages -= _queued_resident(data, root.mark_nonvolatile(start, end))
+        self.units += len(root) - units
+
+    def truncate(self, root: VrangeRoot, data: FileData, page_count: int) -> None:
+        """Pages from *page_count* on are about to be cut from the file."""
+        units = len(root)
+        self.volatile_pages -= _queued_resident(data, root.truncate(page_count))
+        self.units += len(root) - units
+
+    def forget(self, root: VrangeRoot, data: FileData) -> None:
+        """The inode is being freed."""
+        self.units -= len(root)
+        self.volatile_pages -= _queued_resident(data, root.clear())
+
+    def write(self, root: VrangeRoot | None, data: FileData, off: int, buf: bytes) -> int:
+        """Write *buf* at *off*, purging volatile units for room; NoSpaceError if none is left.
+
+        Written pages of units become purgeable again (purged units and units
+        that held nothing return to the order with their old mark time).
+        """
+        try:
+            return self._store_counted(root, data, off, buf, self.high_pages)
+        except NoSpaceError as e:
+            needed = e.needed
+        while True:
+            # Purging may free pages of this very write's range, which it must then
+            # allocate again: retry until it fits or nothing volatile is left.
+            if not self.for_write(needed) and self.store.free_pages < needed:
+                raise NoSpaceError(needed, self.store.free_pages)
+            try:
+                return self._store_counted(root, data, off, buf, None)
+            except NoSpaceError as again:
+                needed = again.needed
+
+    def _store_counted(
+        self, root: VrangeRoot | None, data: FileData, off: int, buf: bytes, limit: int | None
+    ) -> int:
+        if root is None or not len(root) or not buf:
+            return data.write(off, buf, limit)
+        first, end = off >> PAGE_SHIFT, ((off + len(buf) - 1) >> PAGE_SHIFT) + 1
+        units = root.units_overlapping(first, end)
+        before = sum(
+            data.resident_in(max(u.start, first), min(u.end, end)) for u in units if not u.purged
+        )
+        written = data.write(off, buf, limit)
+        order = self.order
+        after = 0
+        for unit in units:
+            after += data.resident_in(max(unit.start, first), min(unit.end, end))
+            if unit not in order:
+                unit.purged = False  # a page of it holds data again
+                order.add(unit)
+        self.volatile_pages += after - before
+        return written
+
+    # -- purging ----------------------------------------------------------
+    def for_write(self, pages: int) -> int:
+        """Make room for a write of *pages* new pages; returns the pages purged.
+
+        Purges volatile units, least recently marked first, until the write
+        fits under the cap, then goes on toward the low watermark by at most
+        RECLAIM_EXTRA_PAGES and RECLAIM_EXTRA_UNITS more.  Non-volatile data is
+        never touched.  The caller finds out from the page store whether the
+        write now fits.
+        """
+        store = self.store
+        freed = 0
+        extra_units = 0
+        must_free = pages - store.free_pages  # to fit under the hard cap
+        want_free = store.used_pages + pages - self.low_pages
+        want_free = min(want_free, max(must_free, 0) + RECLAIM_EXTRA_PAGES)
+        while freed < max(must_free, want_free):
+            if freed >= must_free:  # only the watermark wants more: bounded work
+                extra_units += 1
+                if extra_units > RECLAIM_EXTRA_UNITS:
+                    break
+            got = self._purge_oldest(PurgeCause.CAP)
+            if got is None:
+                break
+            freed += got
+        return freed
+
+    def for_pressure(self, pages: int) -> int:
+        """Purge units, oldest mark first, until *pages* pages are freed or none is left."""
+        freed = 0
+        while freed < pages and (got := self._purge_oldest(PurgeCause.PRESSURE)) is not None:
+            freed += got
+        return freed
+
+    def purge_all(self) -> int:
+        """Purge every volatile unit now (like ashmem's PURGE_ALL_CACHES); returns units."""
+        units = 0
+        while (got := self._purge_oldest(PurgeCause.EXPLICIT)) is not None:
+            units += got > 0
+        return units
+
+    def purge_unit(self, unit: PurgeUnit, cause: PurgeCause) -> int:
+        """Discard one queued unit's resident pages; returns how many were freed."""
+        data, root = self._file_of(unit.ino)
+        assert unit in self.order, f"{unit!r} is not purgeable"
+        freed = data.purge(unit.start, unit.end)
+        if not freed:  # its pages went otherwise (truncate, split): nothing to purge
+            self.order.discard(unit)
+            return 0
+        self.volatile_pages -= freed
+        root.mark_purged(unit)
+        self._purged_pages[cause] += freed
+        self._purge_events[cause] += 1
+        log.debug("purged %r (%s): %d pages", unit, cause.value, freed)
+        if self.listener is not None:
+            self.listener.purged(unit.ino, cause, freed)
+        return freed
+
+    def _purge_oldest(self, cause: PurgeCause) -> int | None:
+        """Purge the least recently marked unit; None if there is none."""
+        unit = self.order.oldest()
+        return None if unit is None else self.purge_unit(unit, cause)
+
+    # -- introspection ------------------------------------------------------
+    def statistics(self) -> ReclaimStats:
+        """The counters as readers may see them: purges the listener holds back are left out."""
+        stats = self._statistics()
+        if self.listener is None:
+            return stats
+        return stats.minus(*self.listener.unpublished())
+
+    def _statistics(self) -> ReclaimStats:
+        store = self.store
+        return ReclaimStats(
+            capacity_pages=store.capacity_pages,
+            resident_pages=store.used_pages,
+            volatile_pages=self.volatile_pages,
+            volatile_units=self.units,
+            purgeable_units=len(self.order),
+            high_pages=self.high_pages,
+            low_pages=self.low_pages,
+            purged_pages=dict(self._purged_pages),
+            purge_events=dict(self._purge_events),
+        )
+
+    def check_invariants(self, files: Iterable[tuple[FileData, VrangeRoot]]) -> None:
+        """Assert the order and the counts agree with every file's units and pages."""
+        self.order.check_invariants()
+        queued = units = 0
+        for data, root in files:
+            root.check_invariants()
+            units += len(root)
+            for unit in root.units():
+                resident = data.resident_in(unit.start, unit.end)
+                if unit in self.order:
+                    queued += resident
+                else:
+                    assert not resident, f"{unit!r} holds pages but is not queued"
+        assert queued == self.volatile_pages, (queued, self.volatile_pages)
+        assert units == self.units, (units, self.units)
+
+
+def _queued_resident(data: FileData, units: list[PurgeUnit]) -> int:
+    """Resident pages of *data* inside those of *units* that are not purged."""
+    return sum(data.resident_in(u.start, u.end) for u in units if not u.purged)
