@@ -5,6 +5,7 @@ Usage::
     python tools/stress.py MOUNTPOINT [--procs 8] [--seconds 600] [--seed S] [--files 16]
     python tools/stress.py --mount-fresh [--memory-cap 64M] [--procs 8] [--seconds 600] ...
     python tools/stress.py --mount-fresh --mount-args '--min-free 99%' ...  # pressure purges
+    python tools/stress.py --mount-fresh --memory-cap 16M --mix hostile --seconds 120
 
 ``--mount-fresh`` mounts a vrangefs of its own in a temporary directory (``vrangefs mount``
 with ``--memory-cap``) and always unmounts it, on success, failure or Ctrl-C; its daemon log
@@ -45,6 +46,26 @@ the same descriptor) at that very position. A block that fails is re-read: a rea
 owner's write may legitimately see a page half old, half new (that is counted as ``torn``);
 a block that still fails is corruption.
 
+The hostile mix (``--mix hostile``, or any of ``--waiters``, ``--readers``, ``--purge-every``,
+``--watchdog``) adds, next to the workers, what once deadlocked the whole mount: ``--waiters``
+processes (200 in the preset) that loop ``getxattr user.vrange.purged`` on the owners' files,
+``--readers`` processes (4) that re-read whole files, dropping their cached pages with
+``posix_fadvise(DONTNEED)`` between passes, and a purger that purges everything every
+``--purge-every`` seconds (1). Waiters and readers crowd onto one "hot" file at a time (it
+changes every 2 s) and otherwise pick any file. Run as root on a mount with ``allow_other``
+(``--mount-fresh`` adds ``-o allow_other`` for the hostile mix), every second one of them runs as
+``--second-user`` (65534). Readers check what they read like any foreign reader; waiters check
+that the list is well formed; the owners' models must hold as always. A watchdog thread probes
+``getxattr user.vrange.stats`` on the mount root every ``--probe-every`` seconds: a probe that
+gets no answer within ``--watchdog`` seconds (15) fails the run. The tool then shows the daemon's
+threads (their state, and the kernel stacks of blocked ones; SIGUSR1 makes the daemon log its
+Python stacks), aborts the FUSE connection through ``/sys/fs/fuse/connections/N/abort`` (N: the
+mount's minor device number; all data on the mount is lost) so that nothing stays blocked, and
+exits 1. The probe latencies (median, p99, max) are reported at the end. Whatever the tool
+starts ends with it: children are killed on the way out (and die with the tool through
+PR_SET_PDEATHSIG); children that cannot be killed because the mount stopped answering are
+freed by the same abort.
+
 Counted and printed at the end: operations by kind, errors by operation and errno (expected
 ones: ENOSPC on writes, EIO and SIGBUS where a page may be purged, ENOENT for a file its
 owner just renamed or removed), corruptions (must be 0), unexpected errors, the daemon's RSS
@@ -55,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import faulthandler
 import json
@@ -67,10 +89,12 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -78,7 +102,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 PAGE = 4096
 BLOCK = 64
@@ -97,6 +121,10 @@ PURGE = "user.vrange.purge"
 
 MOUNT_TIMEOUT = 60.0
 HANG_SECONDS = 120.0
+PR_SET_PDEATHSIG = 1
+HOT_PERIOD = 2.0  # seconds a hot file stays hot for the hostile mix
+HOT_SHARE = 0.6  # the share of waiters' and readers' picks that go to the hot file
+STOP_GRACE = 10.0  # seconds children get to stop before they are killed
 _LOG_PROBLEM = re.compile(r" (ERROR|CRITICAL): |Traceback \(most recent call last\)")
 
 # Weights of the operations a worker picks from.
@@ -254,10 +282,116 @@ def process_memory(pid: int) -> dict[str, int]:
     return out
 
 
-def _mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_info(path: Path) -> list[str] | None:
+    """The ``/proc/self/mountinfo`` fields of the topmost mount at *path*, or None.
+
+    Only the parent directory is resolved: a stat of a mount that stopped answering would
+    block.
+    """
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    found = None
     with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == real:
+                found = fields
+    return found
+
+
+def _mounted(path: Path) -> bool:
+    return mount_info(path) is not None
+
+
+def allows_other(path: Path) -> bool:
+    """Whether the FUSE mount at *path* was made with ``allow_other``."""
+    fields = mount_info(path)
+    if fields is None:
+        return False
+    rest = fields[fields.index("-") + 1 :]
+    return "allow_other" in rest[2].split(",")
+
+
+def abort_connection(mountpoint: Path) -> str:
+    """Abort the FUSE connection of the mount at *mountpoint*; say what was done.
+
+    The last way out of a mount that stopped answering: every request, pending or new, fails
+    with ENOTCONN, processes blocked on it wake up, and the mount's data is lost.
+    """
+    fields = mount_info(mountpoint)
+    if fields is None:
+        return f"{mountpoint} is not mounted: no connection to abort"
+    fstype = fields[fields.index("-") + 1]
+    if not fstype.startswith("fuse"):
+        return f"{mountpoint} is {fstype}, not FUSE: not aborted"
+    minor = fields[2].split(":")[1]
+    abort = Path(f"/sys/fs/fuse/connections/{minor}/abort")
+    try:
+        abort.write_text("1")
+    except OSError as e:
+        return (
+            f"could not abort FUSE connection {minor} ({abort}: {e.strerror}); "
+            "is fusectl mounted on /sys/fs/fuse/connections?"
+        )
+    return (
+        f"aborted FUSE connection {minor} of {mountpoint} ({abort}): its requests fail with "
+        "ENOTCONN and its data is lost"
+    )
+
+
+def thread_report(pid: int) -> list[str]:
+    """One line per thread of *pid*: id, name, state, wait channel; the kernel stack of each
+    thread in D state (readable by root only)."""
+    out = []
+    try:
+        tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+    except OSError as e:
+        return [f"process {pid}: {e.strerror}"]
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                stat = f.read()
+            with open(f"{base}/wchan") as f:
+                wchan = f.read().strip()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state = stat[stat.rindex(")") + 2 :].split()[0]
+        out.append(f"thread {tid} ({name}): state {state}, waiting in {wchan or '-'}")
+        if state == "D":
+            with contextlib.suppress(OSError), open(f"{base}/stack") as f:
+                out += ["    " + line.rstrip() for line in f.readlines()[:12]]
+    return out
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of a process ('?' if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "?"
+
+
+def become(uid: int) -> None:
+    """Drop to *uid* (its group: the same number), with no supplementary groups."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when *parent* dies (set after any change of credentials, which
+    clears it), so that nothing the tool started outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 @contextlib.contextmanager
@@ -270,6 +404,7 @@ def fresh_mount(
     unmount), so a run that passed its own checks still fails if the daemon complained.
     """
     base = Path(tempfile.mkdtemp(prefix=f"{label}-"))
+    base.chmod(0o755)  # so that a second user can reach the mount (with allow_other)
     mountpoint = base / "mnt"
     mountpoint.mkdir()
     log = base / "daemon.log"
@@ -292,16 +427,20 @@ def fresh_mount(
         pid = None
         with contextlib.suppress(OSError):
             pid = read_stats(mountpoint).get("pid")
-        umount = subprocess.run(
-            [*vrangefs_command(), "umount", str(mountpoint)],
-            capture_output=True,
-            text=True,
-            timeout=MOUNT_TIMEOUT,
-            check=False,
-        )
+        try:
+            umount = subprocess.run(
+                [*vrangefs_command(), "umount", str(mountpoint)],
+                capture_output=True,
+                text=True,
+                timeout=MOUNT_TIMEOUT,
+                check=False,
+            )
+            why = umount.stderr.strip()
+        except subprocess.TimeoutExpired:
+            why = f"no answer in {MOUNT_TIMEOUT:.0f} s; {abort_connection(mountpoint)}"
         if _mounted(mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
-            problem += f"vrangefs umount failed ({umount.stderr.strip()}); lazily unmounted\n"
+            problem += f"vrangefs umount failed ({why}); lazily unmounted\n"
         deadline = time.monotonic() + 15
         while pid is not None and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -517,6 +656,18 @@ class Config:
     nonvolatile_budget: int  # bytes of non-volatile data each owner keeps at most
     owner_target: int  # bytes of files each owner grows toward (volatile ones included)
     progress_every: float = 30.0
+    parent: int = 0  # the tool's pid: its children die with it
+    # The hostile mix (see the module's docstring); zeros leave it out.
+    waiters: int = 0
+    readers: int = 0
+    purge_every: float = 0.0
+    watchdog: float = 0.0  # seconds the root may take to answer a probe; 0: no watchdog
+    probe_every: float = 0.1
+    second_user: int = 0  # uid for every second waiter and reader; 0: none
+
+    @property
+    def hostile(self) -> bool:
+        return bool(self.waiters or self.readers or self.purge_every or self.watchdog)
 
 
 def on_a_file(
@@ -537,6 +688,7 @@ class Worker:
     def __init__(self, cfg: Config, index: int, progress: Any, stop: Synchronized[int]) -> None:
         self.cfg = cfg
         self.index = index
+        self.label = f"worker {index}"
         self.progress = progress
         self.stop = stop
         self.rng = random.Random(cfg.seed * 1000 + index)
@@ -559,16 +711,14 @@ class Worker:
         self.report.corruption_count += 1
         if len(self.report.corruptions) < 20:
             tail = "\n    ".join(self.log)
-            self.report.corruptions.append(
-                f"worker {self.index}: {what}\n  last operations:\n    {tail}"
-            )
+            self.report.corruptions.append(f"{self.label}: {what}\n  last operations:\n    {tail}")
 
     def unexpected(self, op: str, e: BaseException) -> None:
         self.report.unexpected_count += 1
         if len(self.report.unexpected) < 20:
             tail = "\n    ".join(self.log)
             self.report.unexpected.append(
-                f"worker {self.index}: {op}: {e!r}\n  last operations:\n    {tail}"
+                f"{self.label}: {op}: {e!r}\n  last operations:\n    {tail}"
             )
 
     def expected(self, op: str, code: int | None) -> None:
@@ -1201,6 +1351,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    die_with_parent(cfg.parent)
     worker = Worker(cfg, index, progress, stop)
     try:
         report = worker.run()
@@ -1210,6 +1361,352 @@ def worker_main(
         report.unexpected.append(traceback.format_exc())
     conn.send(report)
     conn.close()
+
+
+# -- the hostile mix ---------------------------------------------------------------------------
+class Hostile(Worker):
+    """A waiter, reader or purger of the hostile mix: it works on the owners' files and owns
+    none. It runs until the parent says stop."""
+
+    OPS: ClassVar[dict[str, str]] = {
+        "waiter": "wait_purged",
+        "reader": "reread",
+        "purger": "paced_purge",
+    }
+
+    def __init__(self, cfg: Config, kind: str, k: int, stop: Any) -> None:
+        offset = {"waiter": 1, "reader": 1 + cfg.waiters, "purger": 1 + cfg.waiters + cfg.readers}
+        super().__init__(cfg, cfg.procs + offset[kind] + k, None, stop)
+        self.kind = kind
+        self.label = f"{kind} {k}"
+        self.current: Path | None = None
+        self.fd: int | None = None
+        self.until = 0.0
+
+    def run(self) -> Report:
+        op = self.OPS[self.kind]
+        try:
+            while not self.stop.value:
+                if self.kind == "purger" and not self.pause(self.cfg.purge_every):
+                    break
+                self.step(op)
+        finally:
+            self.drop_target()
+        return self.report
+
+    def pause(self, seconds: float) -> bool:
+        """Sleep *seconds*; False if told to stop meanwhile."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.stop.value:
+                return False
+            time.sleep(min(left, 0.05))
+        return True
+
+    def unexpected(self, op: str, e: BaseException) -> None:
+        super().unexpected(op, e)
+        time.sleep(0.05)  # a dead mount fails at once: do not spin
+
+    # -- targets ------------------------------------------------------------------------------
+    def targets(self) -> list[Path]:
+        out = []
+        for i in range(self.cfg.procs):
+            d = self.cfg.root / f"o{i}"
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            out += [d / n for n in names if not n.startswith(".")]
+        return out
+
+    def pick_target(self) -> Path | None:
+        """The hot file of the moment (the same in every process), or any owner's file."""
+        found = self.targets()
+        if not found:
+            return None
+        if self.rng.random() < HOT_SHARE:
+            found.sort()
+            slot = int(time.time() / HOT_PERIOD)
+            return found[random.Random(self.cfg.seed * 1_000_003 + slot).randrange(len(found))]
+        return self.rng.choice(found)
+
+    def drop_target(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+        self.current, self.fd = None, None
+
+    def name(self, path: Path) -> str:
+        return f"{path.parent.name}/{path.name}"
+
+    # -- operations -----------------------------------------------------------------------------
+    def op_wait_purged(self) -> bool:
+        """``getxattr user.vrange.purged`` on the current target (by path, or through a
+        descriptor held open), which changes every 0.5-2 s."""
+        now = time.monotonic()
+        if self.current is None or now >= self.until:
+            self.drop_target()
+            self.current = self.pick_target()
+            if self.current is None:
+                time.sleep(0.05)
+                return False
+            self.until = now + self.rng.uniform(0.5, 2.0)
+            by_fd = self.rng.random() < 0.25
+            self.note(f"wait on {self.name(self.current)}" + (" (open)" if by_fd else ""))
+            if by_fd:
+                try:
+                    self.fd = os.open(self.current, os.O_RDONLY)
+                except OSError as e:
+                    if e.errno != errno.ENOENT:
+                        raise
+                    self.expected("wait_purged", e.errno)
+                    self.drop_target()
+                    return True
+        target = self.current
+        try:
+            value = os.getxattr(self.fd if self.fd is not None else target, PURGED)
+        except OSError as e:
+            if e.errno != errno.ENOENT or self.fd is not None:
+                raise
+            self.expected("wait_purged", e.errno)  # renamed or removed by its owner
+            self.drop_target()
+            return True
+        self.check_listing(self.name(target), value)
+        return True
+
+    def check_listing(self, name: str, value: bytes) -> None:
+        """A ``purged`` list must be ranges sorted by offset, page-aligned, not overlapping."""
+        try:
+            ranges = parse_ranges(value)
+        except ValueError:
+            self.corrupt(f"{name}: {PURGED} is not a list of ranges: {value[:80]!r}")
+            return
+        end = 0
+        for off, length in ranges:
+            if off % PAGE or length <= 0 or off < end:
+                self.corrupt(f"{name}: {PURGED} lists {off},{length} after a range ending at {end}")
+                return
+            end = off + length
+
+    def op_reread(self) -> bool:
+        """Read a whole file several times, dropping its cached pages between passes, so that
+        every pass asks the daemon again (while the file is being purged)."""
+        target = self.pick_target()
+        if target is None:
+            time.sleep(0.05)
+            return False
+        name = self.name(target)
+        try:
+            fd = os.open(target, os.O_RDONLY)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            self.expected("reread", e.errno)
+            return True
+        try:
+            fid = int(os.getxattr(fd, FID_XATTR))
+            for _ in range(self.rng.randint(2, 6)):
+                size = os.fstat(fd).st_size
+                self.note(f"reread {name} size {size}")
+                pos = 0
+                while pos < size:
+                    try:
+                        buf = os.pread(fd, min(size - pos, READ_MAX), pos)
+                    except OSError as e:
+                        if e.errno != errno.EIO:
+                            raise
+                        self.expected("reread", e.errno)
+                        pos = (pos // PAGE + 1) * PAGE  # go on after the page
+                        continue
+                    if not buf:
+                        break  # truncated meanwhile
+                    self.check_foreign(fd, fid, name, pos, buf, "reread")
+                    pos += len(buf)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                self.report.notes["reread passes (then fadvise DONTNEED)"] += 1
+                if self.stop.value:
+                    break
+        finally:
+            os.close(fd)
+        return True
+
+    def op_paced_purge(self) -> bool:
+        self.note("purge all (paced)")
+        os.setxattr(self.cfg.mountpoint, PURGE, b"all")
+        return True
+
+
+def hostile_main(
+    cfg: Config,
+    kind: str,
+    k: int,
+    uid: int | None,
+    stop: Any,
+    conn: multiprocessing.connection.Connection,
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    hostile = Hostile(cfg, kind, k, stop)
+    try:
+        if uid is not None:
+            become(uid)
+        die_with_parent(cfg.parent)
+        report = hostile.run()
+    except BaseException as e:
+        report = hostile.report
+        hostile.unexpected(kind, e)
+        report.unexpected.append(traceback.format_exc())
+    conn.send(report)
+    conn.close()
+
+
+def second_user_problem(cfg: Config) -> str | None:
+    """Why the hostile mix cannot use ``cfg.second_user`` on this mount (None if it can)."""
+    if not cfg.second_user:
+        return "none asked for (--second-user 0)"
+    if os.geteuid() != 0:
+        return "the tool does not run as root"
+    if not allows_other(cfg.mountpoint):
+        return "the mount was made without -o allow_other"
+
+    def body(_w: int) -> None:
+        become(cfg.second_user)
+        os.listdir(cfg.root / "o0")
+
+    result = in_child(body)
+    if not result.ok:
+        return f"uid {cfg.second_user} cannot list {cfg.root / 'o0'} (status {result.status})"
+    return None
+
+
+class Watchdog:
+    """Probe ``getxattr user.vrange.stats`` on the mount root at a steady pace from a thread;
+    call *on_failure* once if a probe takes longer than *deadline* seconds (hung=True) or
+    fails (hung=False)."""
+
+    def __init__(
+        self,
+        mountpoint: Path,
+        deadline: float,
+        every: float,
+        on_failure: Callable[[str, bool], None],
+    ) -> None:
+        self.mountpoint = mountpoint
+        self.deadline = deadline
+        self.every = every
+        self.on_failure = on_failure
+        self.latencies: list[float] = []
+        self.failure: str | None = None
+        self.in_flight: float | None = None  # when the pending probe started
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self.probe, name="probe", daemon=True),
+            threading.Thread(target=self.watch, name="watchdog", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.done.set()
+
+    def probe(self) -> None:
+        while not self.done.is_set():
+            started = time.monotonic()
+            self.in_flight = started
+            try:
+                os.getxattr(self.mountpoint, STATS)
+            except OSError as e:
+                self.in_flight = None
+                if not self.done.is_set():
+                    self.fail(f"the mount root answered getxattr({STATS}) with {e!r}", False)
+                return
+            took = time.monotonic() - started
+            self.in_flight = None
+            self.latencies.append(took)
+            self.done.wait(max(0.0, self.every - took))
+
+    def watch(self) -> None:
+        while not self.done.wait(0.2):
+            since = self.in_flight
+            if since is not None and time.monotonic() - since > self.deadline:
+                self.fail(
+                    f"the mount root did not answer getxattr({STATS}) within {self.deadline:g} s",
+                    True,
+                )
+                return
+
+    def fail(self, message: str, hung: bool) -> None:
+        with self.lock:
+            if self.failure is not None:
+                return
+            self.failure = message
+        self.on_failure(message, hung)
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        since = self.in_flight
+        if since is not None:  # a probe still pending counts with what it has waited so far
+            lat.append(time.monotonic() - since)
+        out: dict[str, Any] = {
+            "deadline": self.deadline,
+            "every": self.every,
+            "probes": len(lat),
+            "failure": self.failure,
+        }
+        if lat:
+            out["median_ms"] = round(statistics.median(lat) * 1e3, 2)
+            out["p99_ms"] = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3, 2)
+            out["max_ms"] = round(max(lat) * 1e3, 2)
+        return out
+
+
+def join_all(procs: Sequence[multiprocessing.process.BaseProcess], seconds: float) -> list[int]:
+    """Join *procs* within *seconds* in all; the pids of those still alive."""
+    deadline = time.monotonic() + seconds
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    return [p.pid or 0 for p in procs if p.is_alive()]
+
+
+def finish_hostile(
+    procs: Sequence[multiprocessing.process.BaseProcess],
+    pipes: Sequence[multiprocessing.connection.Connection],
+    names: Sequence[str],
+) -> tuple[list[Report], list[int]]:
+    """Collect the reports of the hostile processes (told to stop); kill those that do not
+    report within STOP_GRACE seconds. Returns the reports and the pids still alive."""
+    reports: dict[int, Report] = {}
+    deadline = time.monotonic() + STOP_GRACE
+    while len(reports) < len(procs) and time.monotonic() < deadline:
+        waiting = {id(pipes[i]): i for i in range(len(procs)) if i not in reports}
+        ready = multiprocessing.connection.wait([pipes[i] for i in waiting.values()], timeout=0.5)
+        for conn in ready:
+            i = waiting[id(conn)]
+            try:
+                reports[i] = pipes[i].recv()
+            except EOFError:
+                r = Report()
+                r.unexpected_count = 1
+                r.unexpected.append(f"{names[i]} died: exit code {procs[i].exitcode}")
+                reports[i] = r
+    late = [i for i in range(len(procs)) if i not in reports]
+    for i in late:
+        procs[i].kill()
+    if late:
+        r = Report()
+        r.unexpected_count = len(late)
+        shown = ", ".join(names[i] for i in late[:10]) + (", ..." if len(late) > 10 else "")
+        r.unexpected.append(
+            f"{len(late)} hostile processes did not stop within {STOP_GRACE:g} s "
+            f"(killed): {shown}; states: "
+            + "".join(sorted(process_state(procs[i].pid or 0) for i in late))
+        )
+        reports[-1] = r
+    return list(reports.values()), join_all(procs, STOP_GRACE)
 
 
 # -- the parent ------------------------------------------------------------------------------
@@ -1238,35 +1735,103 @@ def progress_line(cfg: Config, daemon: int | None) -> str:
 
 
 def run(cfg: Config, json_path: Path | None = None) -> int:
-    """Run the workers; print the summary; return the exit status."""
+    """Run the workers (and the hostile mix); print the summary; return the exit status."""
     stats0 = read_stats(cfg.mountpoint)
     daemon = stats0.get("pid")
+    cfg.parent = os.getpid()
+    if cfg.hostile:
+        os.umask(0o022)  # the owners' files must be readable by the second user
     cfg.root.mkdir()
+    cfg.root.chmod(0o755)
     for i in range(cfg.procs):
         (cfg.root / f"o{i}").mkdir()
+        (cfg.root / f"o{i}").chmod(0o755)
     ctx = multiprocessing.get_context("fork")
     progress = ctx.RawArray("q", cfg.procs)
     stop: Synchronized[int] = ctx.Value("i", 0)
-    pipes = []
-    procs = []
-    for i in range(cfg.procs):
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=worker_main, args=(cfg, i, progress, stop, send), name=f"w{i}")
-        p.start()
-        send.close()
-        pipes.append(recv)
-        procs.append(p)
+    hostile_stop = ctx.RawValue("i", 0)  # read in a tight loop by hundreds: no lock
+
+    # Who does what in the hostile mix: (kind, k, uid or None).
+    why_not = second_user_problem(cfg) if cfg.waiters or cfg.readers else None
+    other = None if why_not else cfg.second_user
+    plan = [("waiter", k, other if k % 2 else None) for k in range(cfg.waiters)]
+    plan += [("reader", k, other if k % 2 else None) for k in range(cfg.readers)]
+    plan += [("purger", 0, None)] if cfg.purge_every > 0 else []
+    hostile_lines = []
+    if cfg.hostile:
+        as_other = sum(1 for _, _, uid in plan if uid is not None)
+        hostile_lines.append(
+            f"hostile mix: {cfg.waiters} waiters and {cfg.readers} readers "
+            + (f"({as_other} of them as uid {other})" if other else f"(no second user: {why_not})")
+            + (f", purge-all every {cfg.purge_every:g} s" if cfg.purge_every > 0 else "")
+            + (f", watchdog {cfg.watchdog:g} s" if cfg.watchdog > 0 else "")
+        )
+        print("stress: " + hostile_lines[0], flush=True)
+
+    pipes: list[multiprocessing.connection.Connection] = []
+    procs: list[multiprocessing.process.BaseProcess] = []
+    hostile_pipes: list[multiprocessing.connection.Connection] = []
+    hostile_procs: list[multiprocessing.process.BaseProcess] = []
+    aborted: list[str] = []
+
+    def abort_once() -> None:
+        if not aborted:
+            aborted.append(abort_connection(cfg.mountpoint))
+            print(f"stress: {aborted[0]}", flush=True)
+
+    def on_watchdog(message: str, hung: bool) -> None:
+        print(f"stress: WATCHDOG: {message}; stopping the run", flush=True)
+        hostile_stop.value = 1
+        stop.value = 1
+        if not hung:
+            return
+        if daemon:
+            print(f"stress: threads of the daemon (pid {daemon}):", flush=True)
+            for line in thread_report(daemon):
+                print("  " + line, flush=True)
+            with contextlib.suppress(OSError):
+                os.kill(daemon, signal.SIGUSR1)  # the daemon logs its Python stacks
+            time.sleep(1)
+        blocked = Counter(process_state(p.pid or 0) for p in procs + hostile_procs)
+        print(f"stress: states of the tool's processes: {dict(blocked)}", flush=True)
+        abort_once()
+
+    watchdog = None
+    if cfg.watchdog > 0:
+        watchdog = Watchdog(cfg.mountpoint, cfg.watchdog, cfg.probe_every, on_watchdog)
+        watchdog.start()
 
     def on_signal(signum: int, _frame: object) -> None:
         print(f"stress: signal {signum}: stopping the workers", flush=True)
         stop.value = 1
+        hostile_stop.value = 1
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    hostile_reports: list[Report] = []
+    left: list[int] = []
     start = time.monotonic()
     reports: dict[int, Report] = {}
     hung: list[str] = []
-    last_total, last_change, last_print = -1, start, start
     try:
+        for i in range(cfg.procs):
+            recv, send = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=worker_main, args=(cfg, i, progress, stop, send), name=f"w{i}")
+            p.start()
+            send.close()
+            pipes.append(recv)
+            procs.append(p)
+        for kind, k, uid in plan:
+            recv, send = ctx.Pipe(duplex=False)
+            hp = ctx.Process(
+                target=hostile_main,
+                args=(cfg, kind, k, uid, hostile_stop, send),
+                name=f"{kind}{k}",
+            )
+            hp.start()
+            send.close()
+            hostile_pipes.append(recv)
+            hostile_procs.append(hp)
+        last_total, last_change, last_print = -1, start, start
         while len(reports) < cfg.procs:
             waiting = {id(pipes[i]): i for i in range(cfg.procs) if i not in reports}
             ready = multiprocessing.connection.wait(
@@ -1312,20 +1877,62 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
         stop.value = 1
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        hostile_stop.value = 1
+        for wp in procs:
+            wp.join(STOP_GRACE)
+            if wp.is_alive():
+                wp.kill()
+        hostile_reports, left = finish_hostile(
+            hostile_procs, hostile_pipes, [hp.name for hp in hostile_procs]
+        )
+        left += join_all(procs, STOP_GRACE)
+        if left:  # blocked on the mount even after SIGKILL: only an abort frees them
+            print(f"stress: {len(left)} processes do not die; aborting the mount", flush=True)
+            abort_once()
+            left = join_all(procs + hostile_procs, STOP_GRACE)
     duration = time.monotonic() - start
     total_report = Report()
     for i in sorted(reports):
         total_report.merge(reports[i])
+    for r in hostile_reports:
+        total_report.merge(r)
+    if left:
+        total_report.unexpected_count += 1
+        total_report.unexpected.append(f"processes still alive at the end: {left}")
 
     shutil.rmtree(cfg.root, ignore_errors=True)
-    stats = read_stats(cfg.mountpoint)
+    try:
+        stats = read_stats(cfg.mountpoint)
+    except OSError as e:
+        stats = {}
+        total_report.unexpected_count += 1
+        total_report.unexpected.append(f"the statistics are unreadable at the end: {e!r}")
     memory = process_memory(daemon) if daemon else {}
-    failed = bool(total_report.corruption_count or total_report.unexpected_count or hung)
-    print_summary(cfg, total_report, duration, stats0, stats, memory, failed)
+    probe: dict[str, Any] = {}
+    if watchdog is not None:
+        watchdog.stop()
+        probe = watchdog.summary()
+        line = (
+            f"watchdog: {probe['probes']} probes of {STATS} on the root, one every "
+            f"{cfg.probe_every:g} s"
+        )
+        if "max_ms" in probe:
+            line += (
+                f": latency median {probe['median_ms']:.1f} ms, p99 {probe['p99_ms']:.1f} ms, "
+                f"max {probe['max_ms']:.1f} ms (deadline {cfg.watchdog:g} s)"
+            )
+        hostile_lines.append(line)
+        if watchdog.failure:
+            hostile_lines.append(f"WATCHDOG FAILURE: {watchdog.failure}")
+    hostile_lines += [f"ABORTED: {text}" for text in aborted]
+    failed = bool(
+        total_report.corruption_count
+        or total_report.unexpected_count
+        or hung
+        or (watchdog is not None and watchdog.failure)
+        or aborted
+    )
+    print_summary(cfg, total_report, duration, stats0, stats, memory, failed, hostile_lines)
     if json_path is not None:
         json_path.write_text(
             json.dumps(
@@ -1341,6 +1948,16 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
                     "latency_max": total_report.latency_max,
                     "stats": stats,
                     "daemon_memory": memory,
+                    "hostile": {
+                        "waiters": cfg.waiters,
+                        "readers": cfg.readers,
+                        "purge_every": cfg.purge_every,
+                        "second_user": other,
+                        "second_user_processes": sum(1 for *_, uid in plan if uid is not None),
+                        "no_second_user": why_not,
+                    },
+                    "watchdog": probe,
+                    "aborted": aborted,
                     "ok": not failed,
                 },
                 indent=2,
@@ -1357,9 +1974,12 @@ def print_summary(
     stats: dict[str, int],
     memory: dict[str, int],
     failed: bool,
+    hostile_lines: Sequence[str] = (),
 ) -> None:
     total = sum(report.ops.values())
     print(f"\nstress summary (seed {cfg.seed}, {cfg.procs} processes, {duration:.1f} s)")
+    for line in hostile_lines:
+        print(line)
     print(f"operations: {total} ({total / max(duration, 1e-9):.0f}/s)")
     for kind, n in sorted(report.ops.items(), key=lambda kv: -kv[1]):
         slowest = report.latency_max.get(kind, 0.0)
@@ -1418,11 +2038,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the summary here as JSON")
     parser.add_argument("--progress", type=float, default=30, help="seconds between reports")
+    hostile = parser.add_argument_group(
+        "hostile mix", "processes that crowd the files being purged, and a watchdog on the root"
+    )
+    hostile.add_argument(
+        "--mix",
+        choices=("default", "hostile"),
+        default="default",
+        help="hostile: --waiters 200 --readers 4 --purge-every 1 --watchdog 15 "
+        "unless given otherwise",
+    )
+    hostile.add_argument(
+        "--waiters", type=int, help="processes looping getxattr user.vrange.purged (default 0)"
+    )
+    hostile.add_argument(
+        "--readers",
+        type=int,
+        help="processes re-reading whole files with fadvise DONTNEED between passes (default 0)",
+    )
+    hostile.add_argument(
+        "--purge-every", type=float, help="purge all every this many seconds (default 0: never)"
+    )
+    hostile.add_argument(
+        "--watchdog",
+        type=float,
+        help="fail (and abort the mount) if the root does not answer a stats probe within this "
+        "many seconds (default 15 with any of the hostile mix, else 0: off)",
+    )
+    hostile.add_argument(
+        "--probe-every", type=float, default=0.1, help="seconds between probes (default 0.1)"
+    )
+    hostile.add_argument(
+        "--second-user",
+        type=int,
+        default=65534,
+        help="uid for every second waiter and reader, as root on an allow_other mount "
+        "(default 65534; 0: none)",
+    )
     args = parser.parse_args(argv)
     if (args.mountpoint is None) == (not args.mount_fresh):
         parser.error("give a MOUNTPOINT or --mount-fresh (one of them)")
     if args.procs < 2 or args.files < 1:
         parser.error("--procs must be at least 2 and --files at least 1")
+    preset = {"waiters": 200, "readers": 4, "purge_every": 1.0} if args.mix == "hostile" else {}
+    for key in ("waiters", "readers", "purge_every"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, 0))
+        if getattr(args, key) < 0:
+            parser.error(f"--{key.replace('_', '-')} must not be negative")
+    if args.watchdog is None:
+        any_hostile = args.mix == "hostile" or args.waiters or args.readers or args.purge_every
+        args.watchdog = 15.0 if any_hostile else 0.0
+    if args.watchdog < 0 or args.probe_every <= 0 or args.second_user < 0:
+        parser.error("--watchdog, --probe-every and --second-user must be positive (or 0)")
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     print(f"stress: seed {seed}", flush=True)
 
@@ -1441,6 +2109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             nonvolatile_budget=cap * 45 // 100 // args.procs,
             owner_target=cap * 2 // args.procs,
             progress_every=args.progress,
+            waiters=args.waiters,
+            readers=args.readers,
+            purge_every=args.purge_every,
+            watchdog=args.watchdog,
+            probe_every=args.probe_every,
+            second_user=args.second_user,
         )
         print(
             f"stress: {cfg.procs} processes for {cfg.seconds:g} s on {mountpoint} "
@@ -1455,6 +2129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return go(args.mountpoint)
     try:
         extra = shlex.split(args.mount_args)
+        wants_other = (args.waiters or args.readers) and args.second_user and os.geteuid() == 0
+        if wants_other and "allow_other" not in args.mount_args:
+            extra += ["-o", "allow_other"]  # so that the second user can use the mount
         with fresh_mount(args.memory_cap, extra, label="stress") as mountpoint:
             status = go(mountpoint)
     except RuntimeError as e:
