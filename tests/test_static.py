@@ -55,6 +55,34 @@ def test_layers_point_one_way() -> None:
             assert f"vrangefs.{upper}" not in imports, f"{lower} imports the upper layer {upper}"
 
 
+# The core is synchronous and knows nothing of FUSE: neither the event loop nor
+# the binding, not even by way of another vrangefs module it imports.
+CORE = ["pagestore", "vrange", "inodes", "volume", "reclaim", "control"]
+CORE += ["protocol", "errors", "memory", "config"]
+NOT_IN_THE_CORE = {"trio", "pyfuse3"}
+
+
+def _reachable(module: str) -> set[str]:
+    """*module* and every vrangefs module it imports, directly or not."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            imports = _imports(PACKAGE / f"{name}.py")
+            todo += [n.split(".")[1] for n in imports if n.startswith("vrangefs.")]
+    return seen
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_the_core_imports_neither_trio_nor_pyfuse3(module: str) -> None:
+    for name in sorted(_reachable(module)):
+        found = {i.split(".")[0] for i in _imports(PACKAGE / f"{name}.py")} & NOT_IN_THE_CORE
+        via = "" if name == module else f" through vrangefs.{name}"
+        assert not found, f"{module} imports {', '.join(sorted(found))}{via}"
+
+
 def _tool(name: str) -> str:
     path = Path(sys.executable).with_name(name)
     found = str(path) if path.exists() else shutil.which(name)
