@@ -46,25 +46,32 @@ the same descriptor) at that very position. A block that fails is re-read: a rea
 owner's write may legitimately see a page half old, half new (that is counted as ``torn``);
 a block that still fails is corruption.
 
-The hostile mix (``--mix hostile``, or any of ``--waiters``, ``--readers``, ``--purge-every``,
+The hostile mix (``--mix hostile``, or any of ``--waiters``, ``--readers``, ``--victims``,
 ``--watchdog``) adds, next to the workers, what once deadlocked the whole mount: ``--waiters``
-processes (200 in the preset) that loop ``getxattr user.vrange.purged`` on the owners' files,
+processes (200 in the preset) that loop ``getxattr user.vrange.purged`` on files being purged,
 ``--readers`` processes (4) that re-read whole files, dropping their cached pages with
-``posix_fadvise(DONTNEED)`` between passes, and a purger that purges everything every
-``--purge-every`` seconds (1). Waiters and readers crowd onto one "hot" file at a time (it
-changes every 2 s) and otherwise pick any file. Run as root on a mount with ``allow_other``
-(``--mount-fresh`` adds ``-o allow_other`` for the hostile mix), every second one of them runs as
-``--second-user`` (65534). Readers check what they read like any foreign reader; waiters check
-that the list is well formed; the owners' models must hold as always. A watchdog thread probes
-``getxattr user.vrange.stats`` on the mount root every ``--probe-every`` seconds: a probe that
-gets no answer within ``--watchdog`` seconds (15) fails the run. The tool then shows the daemon's
-threads (their state, and the kernel stacks of blocked ones; SIGUSR1 makes the daemon log its
-Python stacks), aborts the FUSE connection through ``/sys/fs/fuse/connections/N/abort`` (N: the
-mount's minor device number; all data on the mount is lost) so that nothing stays blocked, and
-exits 1. The probe latencies (median, p99, max) are reported at the end. Whatever the tool
-starts ends with it: children are killed on the way out (and die with the tool through
-PR_SET_PDEATHSIG); children that cannot be killed because the mount stopped answering are
-freed by the same abort.
+``posix_fadvise(DONTNEED)`` between passes, and ``--victims`` processes (1) that each rewrite a
+file of their own (4 MiB at most, a quarter of the cap), read it, mark it volatile and purge it,
+over and over: by purge-all every second cycle, by writing volatile filler past the cap
+otherwise. A victim keeps an exact model of its file: after purge-all has returned, every page
+must be listed in ``user.vrange.purged`` and fail with EIO (old bytes from the kernel's cache
+are corruption); after a mark non-volatile, listed pages must fail and the others read exactly
+what was written, and the file, one unit, is purged whole or not at all. Half of the waiters'
+and readers' picks go to a victim, a quarter to the "hot" file of the owners' files (the same
+file in every process; it changes every 2 s), a quarter to any file. They stop when
+``--seconds`` are up; the owners then settle their files (the final check) without them. Run as
+root on a mount with ``allow_other`` (``--mount-fresh`` adds ``-o allow_other`` for the hostile
+mix), every second one of them runs as ``--second-user`` (65534). Readers check what they read
+as foreign readers do; waiters check that the list is well formed; the owners' models must hold
+as always. A watchdog thread probes ``getxattr user.vrange.stats`` on the mount root every
+``--probe-every`` seconds: a probe that gets no answer within ``--watchdog`` seconds (15) fails
+the run. The tool then shows the daemon's threads (their state, and the kernel stacks of blocked
+ones; SIGUSR1 makes the daemon log its Python stacks), aborts the FUSE connection through
+``/sys/fs/fuse/connections/N/abort`` (N: the mount's minor device number; all data on the mount
+is lost) so that nothing stays blocked, and exits 1. The probe latencies (median, p99, max) are
+reported at the end. Whatever the tool starts ends with it: children are killed on the way out
+(and die with the tool through PR_SET_PDEATHSIG); children that cannot be killed because the
+mount stopped answering are freed by the same abort.
 
 Counted and printed at the end: operations by kind, errors by operation and errno (expected
 ones: ENOSPC on writes, EIO and SIGBUS where a page may be purged, ENOENT for a file its
@@ -104,6 +111,8 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vrangefs import mountinfo, protocol
+
 PAGE = 4096
 BLOCK = 64
 CHUNK = 1 << 20
@@ -123,7 +132,10 @@ MOUNT_TIMEOUT = 60.0
 HANG_SECONDS = 120.0
 PR_SET_PDEATHSIG = 1
 HOT_PERIOD = 2.0  # seconds a hot file stays hot for the hostile mix
-HOT_SHARE = 0.6  # the share of waiters' and readers' picks that go to the hot file
+VICTIM_SHARE = 0.5  # the share of waiters' and readers' picks that go to a victim
+HOT_SHARE = 0.25  # ... and to the hot file of the owners' files
+VICTIM_FID = 0xFF000000  # file ids of victims (owners' ids are index << 24 | n)
+VICTIM_MAX = 4 << 20  # a victim's size, at most a quarter of the cap
 STOP_GRACE = 10.0  # seconds children get to stop before they are killed
 _LOG_PROBLEM = re.compile(r" (ERROR|CRITICAL): |Traceback \(most recent call last\)")
 
@@ -263,12 +275,7 @@ def vrangefs_command() -> list[str]:
 
 def read_stats(mountpoint: Path) -> dict[str, int]:
     """The integer ``key=value`` lines of the mount's ``user.vrange.stats``."""
-    out = {}
-    for line in os.getxattr(mountpoint, STATS).decode().splitlines():
-        key, _, value = line.partition("=")
-        if value.lstrip("-").isdigit():
-            out[key] = int(value)
-    return out
+    return protocol.int_stats(protocol.read_stats(mountpoint))
 
 
 def process_memory(pid: int) -> dict[str, int]:
@@ -282,37 +289,16 @@ def process_memory(pid: int) -> dict[str, int]:
     return out
 
 
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_info(path: Path) -> list[str] | None:
-    """The ``/proc/self/mountinfo`` fields of the topmost mount at *path*, or None.
-
-    Only the parent directory is resolved: a stat of a mount that stopped answering would
-    block.
-    """
-    real = os.path.join(os.path.realpath(path.parent), path.name)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) == real:
-                found = fields
-    return found
-
-
 def _mounted(path: Path) -> bool:
-    return mount_info(path) is not None
+    """Whether *path* is a mount point; the mount is not touched (it may have stopped
+    answering)."""
+    return mountinfo.is_mounted(path)
 
 
 def allows_other(path: Path) -> bool:
     """Whether the FUSE mount at *path* was made with ``allow_other``."""
-    fields = mount_info(path)
-    if fields is None:
-        return False
-    rest = fields[fields.index("-") + 1 :]
-    return "allow_other" in rest[2].split(",")
+    entry = mountinfo.find(path)
+    return entry is not None and "allow_other" in entry.super_options.split(",")
 
 
 def abort_connection(mountpoint: Path) -> str:
@@ -321,13 +307,12 @@ def abort_connection(mountpoint: Path) -> str:
     The last way out of a mount that stopped answering: every request, pending or new, fails
     with ENOTCONN, processes blocked on it wake up, and the mount's data is lost.
     """
-    fields = mount_info(mountpoint)
-    if fields is None:
+    entry = mountinfo.find(mountpoint)
+    if entry is None:
         return f"{mountpoint} is not mounted: no connection to abort"
-    fstype = fields[fields.index("-") + 1]
-    if not fstype.startswith("fuse"):
-        return f"{mountpoint} is {fstype}, not FUSE: not aborted"
-    minor = fields[2].split(":")[1]
+    minor = entry.fuse_connection
+    if minor is None:
+        return f"{mountpoint} is {entry.fstype}, not FUSE: not aborted"
     abort = Path(f"/sys/fs/fuse/connections/{minor}/abort")
     try:
         abort.write_text("1")
@@ -660,14 +645,23 @@ class Config:
     # The hostile mix (see the module's docstring); zeros leave it out.
     waiters: int = 0
     readers: int = 0
-    purge_every: float = 0.0
+    victims: int = 0
+    memory_cap: int = 0
     watchdog: float = 0.0  # seconds the root may take to answer a probe; 0: no watchdog
     probe_every: float = 0.1
     second_user: int = 0  # uid for every second waiter and reader; 0: none
 
     @property
     def hostile(self) -> bool:
-        return bool(self.waiters or self.readers or self.purge_every or self.watchdog)
+        return bool(self.waiters or self.readers or self.victims or self.watchdog)
+
+    @property
+    def victim_dir(self) -> Path:
+        return self.root / "victims"
+
+    @property
+    def victim_size(self) -> int:
+        return max(min(VICTIM_MAX, self.memory_cap // 4) // PAGE * PAGE, PAGE)
 
 
 def on_a_file(
@@ -1365,66 +1359,56 @@ def worker_main(
 
 # -- the hostile mix ---------------------------------------------------------------------------
 class Hostile(Worker):
-    """A waiter, reader or purger of the hostile mix: it works on the owners' files and owns
-    none. It runs until the parent says stop."""
+    """A waiter, reader or victim of the hostile mix: it works on the owners' files and on the
+    victims, and owns none of the owners' files. It runs until the parent says stop."""
 
     OPS: ClassVar[dict[str, str]] = {
         "waiter": "wait_purged",
         "reader": "reread",
-        "purger": "paced_purge",
+        "victim": "victim_cycle",
     }
 
     def __init__(self, cfg: Config, kind: str, k: int, stop: Any) -> None:
-        offset = {"waiter": 1, "reader": 1 + cfg.waiters, "purger": 1 + cfg.waiters + cfg.readers}
+        offset = {"waiter": 1, "reader": 1 + cfg.waiters, "victim": 1 + cfg.waiters + cfg.readers}
         super().__init__(cfg, cfg.procs + offset[kind] + k, None, stop)
         self.kind = kind
+        self.k = k
         self.label = f"{kind} {k}"
         self.current: Path | None = None
         self.fd: int | None = None
         self.until = 0.0
+        self.cycles = 0
 
     def run(self) -> Report:
         op = self.OPS[self.kind]
         try:
             while not self.stop.value:
-                if self.kind == "purger" and not self.pause(self.cfg.purge_every):
-                    break
                 self.step(op)
         finally:
             self.drop_target()
         return self.report
-
-    def pause(self, seconds: float) -> bool:
-        """Sleep *seconds*; False if told to stop meanwhile."""
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            if self.stop.value:
-                return False
-            time.sleep(min(left, 0.05))
-        return True
 
     def unexpected(self, op: str, e: BaseException) -> None:
         super().unexpected(op, e)
         time.sleep(0.05)  # a dead mount fails at once: do not spin
 
     # -- targets ------------------------------------------------------------------------------
-    def targets(self) -> list[Path]:
-        out = []
-        for i in range(self.cfg.procs):
-            d = self.cfg.root / f"o{i}"
-            try:
-                names = os.listdir(d)
-            except FileNotFoundError:
-                continue
-            out += [d / n for n in names if not n.startswith(".")]
-        return out
+    def targets(self, d: Path) -> list[Path]:
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        return [d / n for n in names if not n.startswith((".", "filler"))]
 
     def pick_target(self) -> Path | None:
-        """The hot file of the moment (the same in every process), or any owner's file."""
-        found = self.targets()
+        """A victim, the hot file of the moment (the same in every process), or any file."""
+        r = self.rng.random()
+        if r < VICTIM_SHARE and (victims := self.targets(self.cfg.victim_dir)):
+            return self.rng.choice(victims)
+        found = [f for i in range(self.cfg.procs) for f in self.targets(self.cfg.root / f"o{i}")]
         if not found:
             return None
-        if self.rng.random() < HOT_SHARE:
+        if r < VICTIM_SHARE + HOT_SHARE:
             found.sort()
             slot = int(time.time() / HOT_PERIOD)
             return found[random.Random(self.cfg.seed * 1_000_003 + slot).randrange(len(found))]
@@ -1505,11 +1489,11 @@ class Hostile(Worker):
             return True
         try:
             fid = int(os.getxattr(fd, FID_XATTR))
-            for _ in range(self.rng.randint(2, 6)):
+            for _ in range(self.rng.randint(2, 4)):
                 size = os.fstat(fd).st_size
                 self.note(f"reread {name} size {size}")
                 pos = 0
-                while pos < size:
+                while pos < size and not self.stop.value:
                     try:
                         buf = os.pread(fd, min(size - pos, READ_MAX), pos)
                     except OSError as e:
@@ -1530,10 +1514,108 @@ class Hostile(Worker):
             os.close(fd)
         return True
 
-    def op_paced_purge(self) -> bool:
-        self.note("purge all (paced)")
-        os.setxattr(self.cfg.mountpoint, PURGE, b"all")
+    # -- a victim: purged over and over, with an exact model of its own -------------------
+    def op_victim_cycle(self) -> bool:
+        """Make the victim stable, rewrite it whole, read it (into the kernel's cache), mark it
+        volatile, then purge it: by purge-all (every second cycle) or by writing volatile
+        filler past the cap. Then settle it with a non-volatile mark and ``purged``, and read
+        it all: listed pages must fail with EIO, the others hold exactly what was written.
+        After purge-all every page must be listed (purge-all returns only once they are)."""
+        size = self.cfg.victim_size
+        path = self.cfg.victim_dir / f"v{self.k}"
+        if self.fd is None:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            os.setxattr(self.fd, FID_XATTR, str(VICTIM_FID | self.k).encode())
+        fd, name = self.fd, self.name(path)
+        self.cycles += 1
+        os.setxattr(fd, NONVOLATILE, b"0,0")
+        self.gen += 1
+        data = pattern(VICTIM_FID | self.k, self.gen, 0, size)
+        self.note(f"cycle {self.cycles}: rewrite {name} gen {self.gen}")
+        try:
+            written = os.pwrite(fd, data, 0)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self.expected("victim_cycle", e.errno)
+            return True
+        if written != size:
+            self.report.notes["short writes"] += 1
+            return True
+        os.ftruncate(fd, size)
+        self.check_victim(fd, name, data, set(), "after the rewrite")
+        os.setxattr(fd, VOLATILE, b"0,0")
+        explicit = self.cycles % 2 == 1
+        if explicit:
+            self.note("purge all")
+            os.setxattr(self.cfg.mountpoint, PURGE, b"all")
+            # Purge-all has returned: the victim is gone, and no read may see its old bytes.
+            listed = pages_of(parse_ranges(os.getxattr(fd, PURGED)))
+            if listed != set(range(size // PAGE)):
+                self.corrupt(f"{name}: after purge-all, purged lists pages {runs(listed)}")
+            self.check_victim(fd, name, data, set(range(size // PAGE)), "after purge-all")
+        else:
+            self.push_at_cap()
+        self.note(f"nonvolatile {name}")
+        os.setxattr(fd, NONVOLATILE, b"0,0")
+        listed = pages_of(parse_ranges(os.getxattr(fd, PURGED)))
+        if listed and listed != set(range(size // PAGE)):
+            self.corrupt(f"{name}: one unit, but only pages {runs(listed)} are purged")
+        how = "by purge-all" if explicit else "at the cap"
+        self.report.notes[
+            f"victim cycles, purged {how}" if listed else "victim cycles, intact"
+        ] += 1
+        self.check_victim(fd, name, data, listed, "settled")
         return True
+
+    def push_at_cap(self) -> None:
+        """Write volatile filler, 1.25 times the cap in all, so that the cap purges."""
+        part = max(self.cfg.memory_cap // 4 // CHUNK, 1) * CHUNK
+        body = b"f" * CHUNK
+        for i in range(5):
+            path = self.cfg.victim_dir / f"filler{self.k}-{i}"
+            self.note(f"push: {path.name} {part} bytes")
+            with contextlib.ExitStack() as stack:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                stack.callback(os.close, fd)
+                try:
+                    for off in range(0, part, CHUNK):
+                        os.pwrite(fd, body, off)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    self.expected("victim_push", e.errno)
+                os.setxattr(fd, VOLATILE, b"0,0")
+
+    def check_victim(self, fd: int, name: str, data: bytes, purged: set[int], when: str) -> None:
+        """Read the victim whole: pages in *purged* must fail with EIO, the others must read
+        as *data*."""
+        size = len(data)
+        for pos in range(0, size, READ_MAX):
+            end = min(size, pos + READ_MAX)
+            pages = range(pos // PAGE, pages_spanned(end))
+            try:
+                buf = os.pread(fd, end - pos, pos)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                self.expected("victim_read", e.errno)
+                if not any(p in purged for p in pages):
+                    self.corrupt(f"{name}: {when}: EIO reading [{pos},{end}), no page purged")
+                continue
+            if len(buf) != end - pos:
+                self.corrupt(f"{name}: {when}: short read at {pos}: {len(buf)} of {end - pos}")
+                continue
+            for p in pages:
+                a, b = p * PAGE - pos, min((p + 1) * PAGE, end) - pos
+                if p in purged:
+                    got = describe_block(buf[a : a + BLOCK])
+                    self.corrupt(f"{name}: {when}: purged page {p} read as data ({got})")
+                    return
+                if buf[a:b] != data[pos + a : pos + b]:
+                    got = describe_block(buf[a : a + BLOCK])
+                    self.corrupt(f"{name}: {when}: page {p} read as {got}, gen {self.gen} expected")
+                    return
 
 
 def hostile_main(
@@ -1746,6 +1828,9 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
     for i in range(cfg.procs):
         (cfg.root / f"o{i}").mkdir()
         (cfg.root / f"o{i}").chmod(0o755)
+    if cfg.victims:
+        cfg.victim_dir.mkdir()
+        cfg.victim_dir.chmod(0o755)
     ctx = multiprocessing.get_context("fork")
     progress = ctx.RawArray("q", cfg.procs)
     stop: Synchronized[int] = ctx.Value("i", 0)
@@ -1756,14 +1841,14 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
     other = None if why_not else cfg.second_user
     plan = [("waiter", k, other if k % 2 else None) for k in range(cfg.waiters)]
     plan += [("reader", k, other if k % 2 else None) for k in range(cfg.readers)]
-    plan += [("purger", 0, None)] if cfg.purge_every > 0 else []
+    plan += [("victim", k, None) for k in range(cfg.victims)]
     hostile_lines = []
     if cfg.hostile:
         as_other = sum(1 for _, _, uid in plan if uid is not None)
         hostile_lines.append(
             f"hostile mix: {cfg.waiters} waiters and {cfg.readers} readers "
             + (f"({as_other} of them as uid {other})" if other else f"(no second user: {why_not})")
-            + (f", purge-all every {cfg.purge_every:g} s" if cfg.purge_every > 0 else "")
+            + (f", {cfg.victims} victims of {format_bytes(cfg.victim_size)}" if cfg.victims else "")
             + (f", watchdog {cfg.watchdog:g} s" if cfg.watchdog > 0 else "")
         )
         print("stress: " + hostile_lines[0], flush=True)
@@ -1847,6 +1932,8 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
                     r.unexpected.append(f"worker {i} died: exit code {procs[i].exitcode}")
                     reports[i] = r
             now = time.monotonic()
+            if now - start >= cfg.seconds:
+                hostile_stop.value = 1  # the workers settle their files in peace
             total = sum(progress)
             if total != last_total:
                 last_total, last_change = total, now
@@ -1951,7 +2038,7 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
                     "hostile": {
                         "waiters": cfg.waiters,
                         "readers": cfg.readers,
-                        "purge_every": cfg.purge_every,
+                        "victims": cfg.victims,
                         "second_user": other,
                         "second_user_processes": sum(1 for *_, uid in plan if uid is not None),
                         "no_second_user": why_not,
@@ -2045,8 +2132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--mix",
         choices=("default", "hostile"),
         default="default",
-        help="hostile: --waiters 200 --readers 4 --purge-every 1 --watchdog 15 "
-        "unless given otherwise",
+        help="hostile: --waiters 200 --readers 4 --victims 1 --watchdog 15 unless given otherwise",
     )
     hostile.add_argument(
         "--waiters", type=int, help="processes looping getxattr user.vrange.purged (default 0)"
@@ -2057,7 +2143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="processes re-reading whole files with fadvise DONTNEED between passes (default 0)",
     )
     hostile.add_argument(
-        "--purge-every", type=float, help="purge all every this many seconds (default 0: never)"
+        "--victims",
+        type=int,
+        help="processes that each rewrite a file, mark it volatile and purge it, over and over, "
+        "by purge-all and by writing at the cap (default 0)",
     )
     hostile.add_argument(
         "--watchdog",
@@ -2078,16 +2167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.mountpoint is None) == (not args.mount_fresh):
         parser.error("give a MOUNTPOINT or --mount-fresh (one of them)")
-    if args.procs < 2 or args.files < 1:
-        parser.error("--procs must be at least 2 and --files at least 1")
-    preset = {"waiters": 200, "readers": 4, "purge_every": 1.0} if args.mix == "hostile" else {}
-    for key in ("waiters", "readers", "purge_every"):
+    if not 2 <= args.procs < 255 or args.files < 1:
+        parser.error("--procs must be 2 to 254 and --files at least 1")
+    preset = {"waiters": 200, "readers": 4, "victims": 1} if args.mix == "hostile" else {}
+    for key in ("waiters", "readers", "victims"):
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, 0))
         if getattr(args, key) < 0:
             parser.error(f"--{key.replace('_', '-')} must not be negative")
     if args.watchdog is None:
-        any_hostile = args.mix == "hostile" or args.waiters or args.readers or args.purge_every
+        any_hostile = args.mix == "hostile" or args.waiters or args.readers or args.victims
         args.watchdog = 15.0 if any_hostile else 0.0
     if args.watchdog < 0 or args.probe_every <= 0 or args.second_user < 0:
         parser.error("--watchdog, --probe-every and --second-user must be positive (or 0)")
@@ -2111,7 +2200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress_every=args.progress,
             waiters=args.waiters,
             readers=args.readers,
-            purge_every=args.purge_every,
+            victims=args.victims,
+            memory_cap=cap,
             watchdog=args.watchdog,
             probe_every=args.probe_every,
             second_user=args.second_user,
