@@ -32,6 +32,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from vrangefs import mountinfo
+from vrangefs.protocol import parse_stats
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 MiB = 1 << 20
@@ -123,13 +126,7 @@ def wait_for_mount(path: Path, proc: subprocess.Popen[bytes] | None, deadline: f
 
 def mounted(path: Path) -> bool:
     """True if *path* is a mount point, dead FUSE mounts included (os.path.ismount says False)."""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if point == real:
-                return True
-    return False
+    return mountinfo.is_mounted(path)
 
 
 def force_unmount(path: Path) -> None:
@@ -160,7 +157,7 @@ class Target:
     def daemon_pid(self) -> int | None:
         return None
 
-    def stats(self) -> dict[str, str]:
+    def stats(self) -> dict[str, int | str]:
         return {}
 
     def unmount(self) -> None:
@@ -268,18 +265,16 @@ class Vrangefs(Target):
         if proc.returncode != 0:
             raise BenchError(f"{what}: exit status {proc.returncode}\n{proc.stderr.strip()}")
 
-    def stats(self) -> dict[str, str]:
+    def stats(self) -> dict[str, int | str]:
         proc = run(
             ["getfattr", "-n", "user.vrange.stats", "--only-values", str(self.mountpoint)],
             30,
             "getfattr user.vrange.stats",
         )
-        out: dict[str, str] = {}
-        for line in proc.stdout.splitlines():
-            key, sep, value = line.partition("=")
-            if sep:
-                out[key.strip()] = value.strip()
-        return out
+        try:
+            return parse_stats(proc.stdout.encode())
+        except ValueError as exc:
+            raise BenchError(f"getfattr user.vrange.stats: {exc}") from exc
 
     def _find_pid(self) -> int | None:
         try:

@@ -44,6 +44,8 @@ from bench_fs import (
     vrangefs_command,
 )
 
+from vrangefs.protocol import int_stats, read_stats
+
 PAGE = 4096
 EXIT_WAIT = 180  # seconds a daemon may take to exit after its unmount
 STATS = "user.vrange.stats"
@@ -164,12 +166,7 @@ class Session:
 
 def stats(mountpoint: Path) -> dict[str, int]:
     """The integer lines of ``user.vrange.stats``."""
-    out: dict[str, int] = {}
-    for line in os.getxattr(mountpoint, STATS).decode().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and value.strip().lstrip("-").isdigit():
-            out[key.strip()] = int(value)
-    return out
+    return int_stats(read_stats(mountpoint))
 
 
 def setxattr_loop(path: str, calls: list[tuple[str, bytes]]) -> float:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from vrangefs import protocol
+from vrangefs import mountinfo, protocol
 from vrangefs.protocol import PAGE_SIZE
 
 Target = str | os.PathLike[str] | int
@@ -48,13 +48,8 @@ def _fstype_of_dev(dev: int) -> str | None:
     Not cached: the kernel hands a freed device number to the next mount, so a
     cached answer could take a later tmpfs for an earlier vrangefs.
     """
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] == wanted:
-                return fields[fields.index("-") + 1]
-    return None
+    entry = mountinfo.of_device(dev)
+    return entry.fstype if entry is not None else None
 
 
 def _check(target: Target) -> None:

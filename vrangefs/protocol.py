@@ -1,6 +1,7 @@
 """The ``user.vrange.*`` extended attributes: names, value formats and page rounding.
 
-Shared by the daemon and the client; pure (no FUSE, no interval tree).
+Shared by the daemon and the client; pure (no FUSE, no interval tree), but for
+:func:`read_stats`, the one reader of a mount's statistics.
 
 Numbers in values are decimal bytes. Where a suffix is allowed it is ``K``, ``M``, ``G`` or
 ``T`` (powers of 1024), in either case, optionally followed by ``iB`` in any case: ``4K``,
@@ -13,6 +14,7 @@ whitespace.
 from __future__ import annotations
 
 import errno
+import os
 import re
 from collections.abc import Iterable, Mapping
 from enum import Enum
@@ -270,3 +272,17 @@ def parse_stats(value: bytes) -> dict[str, int | str]:
             raise ValueError(f"invalid statistics line {_show(line)}: expected key=value")
         result[name] = int(text) if _STATS_INT_RE.fullmatch(text) else text.decode()
     return result
+
+
+def read_stats(mountpoint: str | os.PathLike[str] | int) -> dict[str, int | str]:
+    """A mount's statistics: ``user.vrange.stats`` of its root (a path or an open fd), parsed.
+
+    Raises OSError as getxattr does (ENODATA anywhere but on the root of a vrangefs mount)
+    and ValueError for a malformed value.
+    """
+    return parse_stats(os.getxattr(mountpoint, STATS))
+
+
+def int_stats(stats: Mapping[str, int | str]) -> dict[str, int]:
+    """The integer statistics (today all of them), typed as such for arithmetic."""
+    return {key: value for key, value in stats.items() if isinstance(value, int)}

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from vrangefs import client
+from vrangefs import client, mountinfo
 
 CHUNK = 1 << 20
 """How much put_file and get_to move at a time."""
@@ -131,22 +131,14 @@ def mount_root(path: StrPath) -> Path:
 def fstype_of(mountpoint: StrPath) -> str | None:
     """The type of the filesystem mounted at *mountpoint* (``fuse.vrangefs``, ``tmpfs``, ...).
 
-    Read afresh from /proc/self/mountinfo, matching the mount point and its current device
-    number.  Not ``vrangefs.client``'s check: that one caches the answer by device number, and
-    the kernel hands a freed anonymous device number to the next mount, so after a vrangefs
-    mount goes away a tmpfs mounted next could pass for vrangefs in the same process.
+    Read afresh from the mount table, matching the mount point (the top mount there) and its
+    current device number: the kernel hands a freed anonymous device number to the next
+    mount, so a cached answer could take a tmpfs mounted later for an earlier vrangefs.
     """
-    path = os.path.realpath(mountpoint)
-    st = os.stat(path)
-    device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            if fields[2] == device and point == path:
-                found = fields[fields.index("-") + 1]  # the last one is on top
-    return found
+    entry = mountinfo.find(mountpoint)
+    if entry is None or not entry.is_device(os.stat(mountpoint).st_dev):
+        return None
+    return entry.fstype
 
 
 class CacheStore:

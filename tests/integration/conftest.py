@@ -34,10 +34,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
+from vrangefs import mountinfo
+from vrangefs.protocol import int_stats, read_stats
 
 _VENV_CLI = Path(sys.executable).with_name("vrangefs")
 VRANGEFS: list[str] = [str(_VENV_CLI)] if _VENV_CLI.exists() else [sys.executable, "-m", "vrangefs"]
-STATS_XATTR = "user.vrange.stats"
 PR_SET_CHILD_SUBREAPER = 36
 MOUNT_TIMEOUT = 30.0
 EXIT_TIMEOUT = 15.0
@@ -72,29 +73,23 @@ def become_subreaper() -> None:
 
 
 # -- mount table ----------------------------------------------------------------------
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
 def mount_entry(path: str | Path) -> tuple[str, str] | None:
     """(fstype, source) of the mount at *path*, or None; dead FUSE mounts count."""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _unescape(fields[4]) != real:
-                continue
-            rest = fields[fields.index("-") + 1 :]
-            return rest[0], _unescape(rest[1])
-    return None
+    entry = mountinfo.find(path)
+    return (entry.fstype, entry.source) if entry is not None else None
 
 
 def is_mounted(path: str | Path) -> bool:
-    return mount_entry(path) is not None
+    return mountinfo.is_mounted(path)
 
 
 def serving_pids(path: str | Path) -> list[int]:
-    """Pids whose command line is ``... vrangefs mount PATH ...`` (like ``pgrep -f``)."""
+    """Pids whose command line is ``... vrangefs mount PATH ...`` (like ``pgrep -f``).
+
+    No mount is touched: another test's daemon may be hung, and resolving its mount
+    point (``realpath`` stats it) would hang this test too.  A relative PATH is taken
+    from the process's working directory.
+    """
     target = os.path.realpath(path)
     found = []
     for entry in os.listdir("/proc"):
@@ -107,24 +102,22 @@ def serving_pids(path: str | Path) -> list[int]:
             continue
         for i, arg in enumerate(argv[:-2]):
             if arg.endswith("vrangefs") and argv[i + 1] == "mount":
-                if os.path.realpath(argv[i + 2]) == target:
+                point = argv[i + 2]
+                if not os.path.isabs(point):
+                    with contextlib.suppress(OSError):
+                        point = os.path.join(os.readlink(f"/proc/{entry}/cwd"), point)
+                if os.path.normpath(point) == target:
                     found.append(int(entry))
                 break
     return found
 
 
 def mount_stats(path: str | Path) -> dict[str, int]:
-    """The integer ``key=value`` lines of ``user.vrange.stats`` (empty if unavailable)."""
+    """The integer statistics of the mount at *path* (empty if unavailable)."""
     try:
-        value = os.getxattr(path, STATS_XATTR)
-    except OSError:
+        return int_stats(read_stats(path))
+    except (OSError, ValueError):
         return {}
-    out = {}
-    for line in value.decode(errors="replace").splitlines():
-        key, _, number = line.partition("=")
-        if number.strip().lstrip("-").isdigit():
-            out[key.strip()] = int(number)
-    return out
 
 
 def stats_pid(path: str | Path) -> int | None:

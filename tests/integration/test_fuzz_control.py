@@ -52,6 +52,7 @@ from tests.integration.vrange_helpers import (
     new_dir,
     pattern,
 )
+from vrangefs.protocol import int_stats, read_stats
 
 PREFIX = b"user.vrange."
 VOLATILE_B, NONVOLATILE_B, PURGED_B = VOLATILE.encode(), NONVOLATILE.encode(), PURGED.encode()
@@ -424,12 +425,7 @@ class Place:
         return self.paths[FILE]
 
     def stats(self) -> dict[str, int]:
-        out = {}
-        for line in os.getxattr(self.mount.path, STATS).decode().splitlines():
-            key, _, value = line.partition("=")
-            if value.lstrip("-").isdigit():
-                out[key] = int(value)
-        return out
+        return int_stats(read_stats(self.mount.path))
 
     def snapshot(self) -> Snapshot:
         f = self.file

@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import wait_until
 from tests.integration.conftest import VRANGEFS, Mounter
+from vrangefs.protocol import int_stats, read_stats
 
 MiB = 1 << 20
 FILE_SIZE = 16 * MiB
@@ -32,12 +33,7 @@ MIN_FREE = 48 * MiB
 
 
 def _stats(path: Path) -> dict[str, int]:
-    out = {}
-    for line in os.getxattr(path, "user.vrange.stats").decode().splitlines():
-        key, _, value = line.partition("=")
-        if value.lstrip("-").isdigit():
-            out[key] = int(value)
-    return out
+    return int_stats(read_stats(path))
 
 
 @pytest.fixture

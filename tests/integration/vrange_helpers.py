@@ -2,8 +2,11 @@
 
 The ``user.vrange.*`` names and value formats are spelled out here from the contract, not
 imported from the package, so that the tests check the contract rather than the code's own
-idea of it.  Child processes are made with ``os.fork`` so that a test can drop privileges,
-die of SIGBUS or run many clients at once without touching the pytest process.
+idea of it; only the statistics are read with the package's one parser of them
+(:func:`vrangefs.protocol.read_stats`, itself tested against the contract's format).
+
+Child processes are made with ``os.fork`` so that a test can drop privileges, die of
+SIGBUS or run many clients at once without touching the pytest process.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Mount, Mounter
+from vrangefs.protocol import int_stats, read_stats
 
 PAGE = 4096
 VOLATILE = "user.vrange.volatile"
@@ -74,14 +78,8 @@ def purged(target: Target) -> Ranges:
 
 
 def stats(mountpoint: Path) -> dict[str, int]:
-    """The numeric ``key=value`` lines of ``user.vrange.stats``."""
-    out = {}
-    for line in os.getxattr(mountpoint, STATS).decode().splitlines():
-        key, sep, value = line.partition("=")
-        assert sep, f"stats line without '=': {line!r}"
-        if value.lstrip("-").isdigit():
-            out[key] = int(value)
-    return out
+    """The numeric ``key=value`` lines of ``user.vrange.stats`` (a malformed line fails)."""
+    return int_stats(read_stats(mountpoint))
 
 
 def purge_all(mountpoint: Path) -> None:
