@@ -3,7 +3,7 @@
 Usage (as root, from the repository root):
 
     .venv/bin/python bench/bench_vrange.py [--runs 3] [--ops 20000] [--units 10,100000]
-        [--memory-cap 1G] [--workers N] [--no-ceiling] [--json OUT]
+        [--memory-cap 1G] [--no-ceiling] [--json OUT]
 
 For each unit count N, a sparse file of 2N+2 pages (``ftruncate``: marking needs pages inside
 the file size, not resident data) gets N one-page units, on the even pages (adjacent or not,
@@ -120,8 +120,7 @@ def one_run(session: Session, opts: argparse.Namespace, run: int) -> dict[str, A
     res: dict[str, Any] = {"run": run + 1}
     ops: int = opts.ops
     timeout = 120 + ops / 200
-    extra = ["--workers", str(opts.workers)] if opts.workers else []
-    with session.vrangefs(opts.memory_cap, *extra) as (mnt, pid):
+    with session.vrangefs(opts.memory_cap) as (mnt, pid):
         biggest = max(opts.units)
         for n in sorted(opts.units):
             path = str(mnt / f"units-{n}")
@@ -235,9 +234,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ops", type=int, default=20000, help="round trips per figure")
     parser.add_argument("--units", default="10,100000", help="unit counts (default 10,100000)")
     parser.add_argument("--memory-cap", default="1G", help="vrangefs --memory-cap (default 1G)")
-    parser.add_argument(
-        "--workers", type=int, help="pass --workers N to vrangefs mount (pyfuse3 max_tasks)"
-    )
     parser.add_argument("--no-ceiling", dest="ceiling", action="store_false")
     parser.add_argument("--json", type=Path, help="write every raw number here")
     add_wait_quiet(parser)

@@ -2,7 +2,11 @@
 
 Only the adapter and the composition root may import pyfuse3, and only the
 vrange module may import intervaltree: everything below them is testable
-without FUSE and replaceable piece by piece.
+without FUSE and replaceable piece by piece.  The foundations (protocol, config,
+mountinfo, ...) import nothing of vrangefs beyond what is listed, so the client
+library, the command line and the daemon can all stand on them; the client
+imports nothing of the daemon; each command-line module has one job, and only
+the one that runs the daemon imports it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,27 @@ ALLOWED = {
     "pyfuse3": {"operations.py", "mount.py"},
     "intervaltree": {"vrange.py"},
 }
-# Lower layers must not import upper ones.
+# The daemon's stack: lower layers must not import upper ones.
 LAYERS = ["pagestore", "vrange", "inodes", "volume", "control", "operations", "mount", "cli"]
+# Foundations: each imports nothing of vrangefs but the modules listed.
+FOUNDATIONS: dict[str, set[str]] = {
+    "protocol": set(),
+    "mountinfo": set(),
+    "errors": set(),
+    "memory": set(),
+    "sdnotify": set(),
+    "config": {"protocol"},  # below mount, pressure and the command line
+}
+# The application library: foundations only, nothing of the daemon.
+CLIENT = {"protocol", "mountinfo"}
+# The command line, one module per job, and what of vrangefs each may import.
+CLI: dict[str, set[str]] = {
+    "output": {"protocol"},
+    "rangetools": {"client", "config", "output", "protocol"},
+    "unmount": {"config", "mountinfo", "protocol"},
+    "launch": {"config", "memory", "mount", "mountinfo", "unmount"},  # runs the daemon
+    "cli": {"config", "launch", "rangetools", "unmount"},
+}
 
 
 def _imports(path: Path) -> set[str]:
@@ -46,6 +69,43 @@ def test_only_the_allowed_modules_import(module: str) -> None:
         if any(name == module or name.startswith(module + ".") for name in _imports(path))
     }
     assert importers <= ALLOWED[module], f"{module} imported by {importers - ALLOWED[module]}"
+
+
+def _vrangefs_imports(module: str) -> set[str]:
+    """The vrangefs modules *module* imports, by short name (``config``, ``mount``, ...)."""
+    return {
+        name.split(".")[1]
+        for name in _imports(PACKAGE / f"{module}.py")
+        if name.startswith("vrangefs.")
+    }
+
+
+@pytest.mark.parametrize("module", sorted(FOUNDATIONS))
+def test_foundations_import_only_what_is_listed(module: str) -> None:
+    extra = _vrangefs_imports(module) - FOUNDATIONS[module]
+    assert not extra, f"{module} imports {extra}"
+
+
+def test_config_is_below_its_users() -> None:
+    for user in ("mount", "pressure", "launch", "cli"):
+        assert "config" in _vrangefs_imports(user), f"{user} does not use vrangefs.config"
+
+
+def test_client_imports_nothing_of_the_daemon() -> None:
+    extra = _vrangefs_imports("client") - CLIENT
+    assert not extra, f"client imports {extra}"
+    assert set(FOUNDATIONS) >= CLIENT  # and those import no more than listed there
+
+
+@pytest.mark.parametrize("module", sorted(CLI))
+def test_command_line_modules_keep_to_their_job(module: str) -> None:
+    extra = _vrangefs_imports(module) - CLI[module]
+    assert not extra, f"{module} imports {extra}"
+
+
+def test_only_launch_runs_the_daemon() -> None:
+    importers = {module for module in CLI if "mount" in _vrangefs_imports(module)}
+    assert importers == {"launch"}
 
 
 def test_layers_point_one_way() -> None:

@@ -46,7 +46,6 @@ class MountConfig:
     root_mode: int = 0o1777
     root_uid: int | None = None
     root_gid: int | None = None
-    workers: int = 32
     high_watermark: float = 1.0
     low_watermark: float = 0.95
     pressure: PressureConfig | None = None
@@ -130,7 +129,19 @@ class Setting:
     spelled: str
 
     def invalid(self, expected: str) -> UserError:
-        return UserError(f"invalid {self.spelled} {self.text!r}: {expected}")
+        return UserError(f"invalid {self.shown()}: {expected}")
+
+    def shown(self) -> str:
+        """``--memory-cap '1'`` or ``-o size='1'``."""
+        space = "" if self.spelled.endswith("=") else " "
+        return f"{self.spelled}{space}{self.text!r}"
+
+
+def _size_problem(setting: Setting, error: ValueError) -> UserError:
+    """parse_size's message without its own ``invalid size 'X': `` prefix."""
+    message = str(error)
+    prefix = f"invalid size {setting.text!r}: "
+    return setting.invalid(message[len(prefix) :] if message.startswith(prefix) else message)
 
 
 @dataclass
@@ -194,10 +205,10 @@ def parse_memory_cap(setting: Setting, machine: Machine) -> int:
     try:
         cap = parse_size(setting.text, machine.ram)
     except ValueError as e:
-        raise setting.invalid(str(e)) from None
+        raise _size_problem(setting, e) from None
     if cap < PAGE_SIZE:
         raise setting.invalid(
-            f"{cap} byte(s) is less than one page; expected at least {PAGE_SIZE} bytes"
+            f"{cap} bytes is less than one page; expected at least {PAGE_SIZE} bytes"
         )
     problem = arena_problem(cap)
     if problem is not None:
@@ -304,7 +315,7 @@ def parse_min_free(setting: Setting, machine: Machine) -> int:
     try:
         return parse_size(setting.text, machine.memory)
     except ValueError as e:
-        raise setting.invalid(str(e)) from None
+        raise _size_problem(setting, e) from None
 
 
 def parse_interval(setting: Setting) -> float:
@@ -346,10 +357,7 @@ def build_config(
     low = parse_fraction(settings["low_watermark"])
     if low > high:
         low_s, high_s = settings["low_watermark"], settings["high_watermark"]
-        raise UserError(
-            f"invalid {low_s.spelled} {low_s.text!r}: it is above {high_s.spelled} "
-            f"{high_s.text!r}; expected low <= high"
-        )
+        raise low_s.invalid(f"it is above {high_s.shown()}; expected low <= high")
     pressure_on = parse_choice(settings["pressure_purge"], ("on", "off")) == "on"
     # Checked even when pressure purging is off: a bad value is a mistake either way.
     pressure = PressureConfig(

@@ -1,0 +1,103 @@
+"""The range tools: ``vrangefs volatile``, ``nonvolatile``, ``status``, ``stats`` and ``purge``.
+
+Each is a thin layer over :mod:`vrangefs.client`; failures become one-line
+:class:`~vrangefs.config.UserError` messages naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from vrangefs import client, output, protocol
+from vrangefs.config import UserError
+
+
+def _range_args(args: argparse.Namespace) -> tuple[int, int]:
+    """OFFSET and LENGTH from the command line (suffixes allowed), whole file by default."""
+    text = f"{args.offset},{args.length}"
+    try:
+        return protocol.parse_range(text.encode())
+    except protocol.RangeError as e:
+        raise UserError(f"{args.file}: {e}") from None
+
+
+def _os_error(what: str, path: str, e: OSError) -> UserError:
+    return UserError(f"cannot {what} {path}: {e.strerror or e}")
+
+
+def cmd_volatile(args: argparse.Namespace) -> int:
+    offset, length = _range_args(args)
+    try:
+        client.mark_volatile(args.file, offset, length)
+    except OSError as e:
+        raise _os_error("mark volatile", args.file, e) from None
+    return 0
+
+
+def cmd_nonvolatile(args: argparse.Namespace) -> int:
+    offset, length = _range_args(args)
+    try:
+        lost = client.mark_nonvolatile(args.file, offset, length)
+    except OSError as e:
+        raise _os_error("mark non-volatile", args.file, e) from None
+    if not lost:
+        print(f"{args.file}: nothing purged")
+        return 0
+    for start, length_lost in lost:
+        print(f"{args.file}: purged {start},{length_lost} ({output.size(length_lost)})")
+    return 1 if args.check else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            units = client.volatile_ranges(path)
+            lost = client.purged(path)
+            st = os.stat(path)
+        except OSError as e:
+            print(f"vrangefs: cannot read the status of {path}: {e.strerror or e}", file=sys.stderr)
+            status = 1
+            continue
+        print(
+            f"{path}: size {st.st_size} ({output.size(st.st_size)}), "
+            f"resident {output.size(st.st_blocks * 512)}, {len(units)} volatile unit(s), "
+            f"{len(lost)} purged range(s)"
+        )
+        rows = [("volatile", start, length) for start, length in units]
+        rows += [("purged", start, length) for start, length in lost]
+        if rows:
+            print(f"  {'kind':<9} {'offset':>14} {'length':>14}  size")
+            for kind, start, length in sorted(rows, key=lambda r: (r[1], r[0])):
+                print(f"  {kind:<9} {start:>14} {length:>14}  {output.size(length)}")
+    return status
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    try:
+        stats = client.stats(args.mountpoint)
+    except OSError as e:
+        raise _os_error("read statistics of", args.mountpoint, e) from None
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    elif args.prometheus:
+        sys.stdout.write(output.prometheus_text(stats, os.path.abspath(args.mountpoint)))
+    else:
+        sys.stdout.write(output.stats_table(stats))
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    try:
+        before = client.stats(args.mountpoint)
+        client.purge_all(args.mountpoint)
+        after = client.stats(args.mountpoint)
+    except OSError as e:
+        raise _os_error("purge", args.mountpoint, e) from None
+    freed = int(after.get("purged_bytes_total", 0)) - int(before.get("purged_bytes_total", 0))
+    units = int(after.get("purge_events", 0)) - int(before.get("purge_events", 0))
+    print(f"{args.mountpoint}: purged {units} unit(s), {output.size(freed)}")
+    return 0
