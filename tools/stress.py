@@ -1699,16 +1699,18 @@ class Watchdog:
         while not self.done.is_set():
             started = time.monotonic()
             self.in_flight = started
+            error = None
             try:
                 os.getxattr(self.mountpoint, STATS)
             except OSError as e:
-                self.in_flight = None
-                if not self.done.is_set():
-                    self.fail(f"the mount root answered getxattr({STATS}) with {e!r}", False)
-                return
+                error = e
             took = time.monotonic() - started
+            self.latencies.append(took)  # a hung probe too, once the abort ends it
             self.in_flight = None
-            self.latencies.append(took)
+            if error is not None:
+                if not self.done.is_set():
+                    self.fail(f"the mount root answered getxattr({STATS}) with {error!r}", False)
+                return
             self.done.wait(max(0.0, self.every - took))
 
     def watch(self) -> None:
