@@ -17,13 +17,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from vrangefs import protocol
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO
 from vrangefs.protocol import PAGE_SIZE, PurgeCause
-from vrangefs.volume import Volume
+from vrangefs.volume import XATTR_SIZE_MAX, Volume
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,28 @@ def _set_purge(volume: Volume, ino: int, value: bytes) -> None:
 
 
 def _get_volatile(volume: Volume, ino: int) -> bytes:
-    return protocol.format_ranges(volume.volatile_ranges(ino))
+    return _listing(ino, protocol.VOLATILE, volume.volatile_ranges(ino))
 
 
 def _get_purged(volume: Volume, ino: int) -> bytes:
-    return protocol.format_ranges(volume.purged_ranges(ino))
+    return _listing(ino, protocol.PURGED, volume.purged_ranges(ino))
+
+
+def _listing(ino: int, name: str, ranges: Iterator[tuple[int, int]]) -> bytes:
+    """Ranges (ascending) one per line; E2BIG as soon as they pass what an xattr can hold.
+
+    The kernel refuses values over XATTR_SIZE_MAX anyway; stopping early keeps a
+    file with a huge number of ranges from costing a long walk for nothing.
+    """
+    out = bytearray()
+    for offset, length in ranges:
+        out += b"%d,%d\n" % (offset, length)
+        if len(out) > XATTR_SIZE_MAX:
+            raise FsError(
+                errno.E2BIG,
+                f"inode {ino}: {name} lists more than {XATTR_SIZE_MAX} bytes of ranges",
+            )
+    return bytes(out)
 
 
 def _get_stats(volume: Volume, ino: int) -> bytes:

@@ -92,7 +92,8 @@ class Invalidator:
     # -- used by request handlers ---------------------------------------------
     @contextmanager
     def recording(self) -> Iterator[set[int]]:
-        """Collect the inodes purged inside the (synchronous) block."""
+        """Collect the inodes purged inside the block, which must not await (or it would
+        collect other requests' purges too)."""
         outer, self._recording = self._recording, set()
         try:
             yield self._recording
@@ -158,14 +159,16 @@ class Invalidator:
             self._nursery.start_soon(self._flush, ino, flush)
 
     async def _flush(self, ino: int, flush: _Flush) -> None:
-        started = time.monotonic()
         try:
             while flush.clean < flush.purged:
                 target = flush.purged
+                started = time.monotonic()
                 try:
                     await trio.to_thread.run_sync(self._invalidate, ino, limiter=self._limiter)
                 except Exception:  # a bug: the kernel may keep stale pages, the daemon serves on
                     log.exception("invalidating inode %d failed", ino)
+                self.invalidations += 1
+                self.invalidation_max_s = max(self.invalidation_max_s, time.monotonic() - started)
                 flush.clean = target
                 self._publish(flush, target)
                 done, flush.done = flush.done, trio.Event()
@@ -174,8 +177,6 @@ class Invalidator:
             flush.running = False
             if flush.clean == flush.purged and self._flushes.get(ino) is flush:
                 del self._flushes[ino]
-        self.invalidations += 1
-        self.invalidation_max_s = max(self.invalidation_max_s, time.monotonic() - started)
 
     def _publish(self, flush: _Flush, generation: int) -> None:
         keep = []

@@ -299,10 +299,12 @@ class Operations(pyfuse3.Operations):
         ):
             raise FsError(errno.EIO, f"inode {ino}: writeback into page {off // PAGE_SIZE}, purged")
         with invalidator.writing(ino):
-            with invalidator.recording() as purged:
-                written = self.volume.write(ino, off, buf)
-            await invalidator.settle(purged, from_write=True)
-        return written
+            purged: set[int] = set()
+            try:
+                with invalidator.recording() as purged:
+                    return self.volume.write(ino, off, buf)
+            finally:  # a write that purged and still failed (ENOSPC) waits all the same
+                await invalidator.settle(purged, from_write=True)
 
     @_handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
@@ -372,9 +374,12 @@ class Operations(pyfuse3.Operations):
             return
         if name == NONVOLATILE_B:
             await self.invalidator.settled(inode)
-        with self.invalidator.recording() as purged:
-            control.setxattr(self.volume, inode, name, value)
-        await self.invalidator.settle(purged)  # a purge returns once no stale page is left
+        purged: set[int] = set()
+        try:
+            with self.invalidator.recording() as purged:
+                control.setxattr(self.volume, inode, name, value)
+        finally:  # a purge returns once no stale page is left, failed or not
+            await self.invalidator.settle(purged)
 
     @_handler
     async def listxattr(

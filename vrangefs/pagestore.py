@@ -246,21 +246,31 @@ class FileData:
                 i = j
             page = chunk_end
 
-    def purged_runs(self) -> list[tuple[int, int]]:
-        """Purged pages as (first_page, page_count), ascending."""
-        out: list[tuple[int, int]] = []
-        for ci in sorted(self._chunks):
+    def purged_runs(self, first: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+        """Purged pages in [first, end) as (first_page, page_count), ascending, lazily.
+
+        Costs the chunks that exist there, so a caller that stops early pays for
+        what it took.
+        """
+        if end is None:
+            end = max(self._chunks, default=-1) + 1 << CHUNK_SHIFT
+        run: tuple[int, int] | None = None
+        for ci in self._chunks_in(first, end):
             chunk = self._chunks[ci]
             if PURGED not in chunk:
                 continue
             base = ci << CHUNK_SHIFT
-            for page, count, slot in self.runs(base, base + CHUNK_PAGES):
-                if slot == PURGED:
-                    if out and out[-1][0] + out[-1][1] == page:
-                        out[-1] = (out[-1][0], out[-1][1] + count)
-                    else:
-                        out.append((page, count))
-        return out
+            for page, count, slot in self.runs(max(first, base), min(end, base + CHUNK_PAGES)):
+                if slot != PURGED:
+                    continue
+                if run is not None and run[0] + run[1] == page:
+                    run = (run[0], run[1] + count)
+                    continue
+                if run is not None:
+                    yield run
+                run = (page, count)
+        if run is not None:
+            yield run
 
     # -- data -------------------------------------------------------------
     def read(

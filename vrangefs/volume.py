@@ -440,25 +440,25 @@ class Volume:
             return []
         if inode.vroot is not None:
             self.reclaim.mark_nonvolatile(inode.vroot, data, *pages)
-        return self._purged_ranges(data, *pages)
+        return list(self._purged_ranges(data, *pages))
 
-    def purged_ranges(self, ino: int) -> list[tuple[int, int]]:
-        """Byte ranges of the file's purged pages, clipped to its size."""
+    def purged_ranges(self, ino: int) -> Iterator[tuple[int, int]]:
+        """Byte ranges of the file's purged pages, clipped to its size, ascending, lazily."""
         _, data = self._regular(ino)
         return self._purged_ranges(data, 0, pages_spanned(data.size))
 
     @staticmethod
-    def _purged_ranges(data: FileData, first: int, end: int) -> list[tuple[int, int]]:
-        runs = ((max(page, first), min(page + count, end)) for page, count in data.purged_runs())
-        return [r for lo, hi in runs if lo < hi and (r := _byte_range(data, lo, hi))]
+    def _purged_ranges(data: FileData, first: int, end: int) -> Iterator[tuple[int, int]]:
+        for lo, count in data.purged_runs(first, end):
+            if (r := _byte_range(data, lo, lo + count)) is not None:
+                yield r
 
-    def volatile_ranges(self, ino: int) -> list[tuple[int, int]]:
-        """The file's purge units as byte ranges, clipped to its size."""
+    def volatile_ranges(self, ino: int) -> Iterator[tuple[int, int]]:
+        """The file's purge units as byte ranges, clipped to its size, ascending, lazily."""
         inode, data = self._regular(ino)
         if inode.vroot is None:
-            return []
-        units = inode.vroot.units()
-        return [r for u in units if (r := _byte_range(data, u.start, u.end))]
+            return iter(())
+        return (r for u in inode.vroot.units() if (r := _byte_range(data, u.start, u.end)))
 
     # -- directories ------------------------------------------------------------
     def opendir(self, ino: int) -> Inode:

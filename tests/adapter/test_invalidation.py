@@ -389,13 +389,6 @@ def test_purges_before_the_invalidator_runs_are_flushed_once_it_starts() -> None
     fs.volume.check_invariants()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Operations.write settles only when volume.write returns: a WRITE that purged "
-    "and then failed with ENOSPC answers before the purged inode's cache is dropped, "
-    "unlike a WRITE that succeeds (the settle() after the recording block is skipped)",
-)
 def test_a_write_that_purges_and_then_fails_waits_for_its_purges() -> None:
     fs = Fs(cap_pages=8)
 
@@ -419,14 +412,6 @@ def test_a_write_that_purges_and_then_fails_waits_for_its_purges() -> None:
     assert not done_while_held, "the failed WRITE answered while a's flush was held"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="docs/stats.md: invalidations are the 'times the kernel's cache of a file was "
-    "dropped after a purge', but Invalidator counts flush tasks: a task that makes two "
-    "passes (purges during the first) counts once, and invalidation_max_us spans the "
-    "whole task, not the longest drop",
-)
 def test_the_invalidations_statistic_counts_every_drop() -> None:
     fs = Fs()
 

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
-from tests.integration.conftest import Mount, Mounter, is_mounted
+from tests.integration.conftest import Mount, Mounter
 from tests.integration.vrange_helpers import (
     PAGE,
     PURGE,
@@ -87,19 +86,23 @@ def _spawn(fn: Callable[[], None]) -> int:
     return pid
 
 
-def _reap(pids: list[int], deadline: float) -> list[int]:
-    """Wait for children until *deadline*; return those still running (then killed)."""
+def _reap(pids: list[int], deadline: float) -> tuple[list[int], list[int]]:
+    """Wait for children until *deadline*: (those still running, then killed; those that
+    exited with a failure)."""
     left = set(pids)
+    failed = []
     while left and time.monotonic() < deadline:
         for pid in list(left):
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 left.discard(pid)
+                if status:
+                    failed.append(pid)
         time.sleep(0.02)
     for pid in left:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
-    return sorted(left)
+    return sorted(left), failed
 
 
 @pytest.fixture
@@ -109,7 +112,8 @@ def hostile(mounter: Mounter) -> Iterator[Mount]:
     try:
         yield mount
     finally:
-        if is_mounted(mount.path) and _timed(lambda: os.statvfs(mount.path), 10.0) is None:
+        # Not is_mounted(): resolving the path would itself wait on a mount that hangs.
+        if _timed(lambda: os.statvfs(mount.path), 10.0) is None:
             _abort_connection(mount.path)
             mount.check_log = False
             mount.expect_status = -9  # whatever it is: the abort is the test's failure
@@ -187,9 +191,10 @@ def test_hundreds_of_waiters_do_not_deadlock_the_mount(hostile: Mount) -> None:
             latencies.append(took)
             time.sleep(0.05)  # the probe's pace, not a synchronisation
     finally:
-        stuck = _reap(pids, time.monotonic() + (5 if stalled else 30))
+        stuck, failed = _reap(pids, time.monotonic() + (5 if stalled else 30))
     assert stalled is None, stalled
     assert not stuck, f"{len(stuck)} processes still blocked on the mount 30 s after the end"
+    assert not failed, f"{len(failed)} processes met an unexpected error (purger first: {pids[0]})"
     latencies.sort()
     p99 = latencies[int(len(latencies) * 0.99)]
     print(
@@ -232,7 +237,9 @@ def test_no_old_bytes_once_stats_report_the_purge(mounter: Mounter, cause: str) 
                 (root / f"push{n}").write_bytes(b"p" * (48 * MiB))
 
         child = _purge_later(trigger)
-        wait_until(lambda b=before: stats(root)["purge_events"] > b, 30.0, "a purge")
+        deadline = time.monotonic() + 30
+        while stats(root)["purge_events"] == before:  # poll as fast as the mount answers
+            assert time.monotonic() < deadline, f"round {round_}: no purge reported in 30 s"
         fd = os.open(big, os.O_RDONLY)
         try:
             for off in sorted(rng.randrange(0, 16384) * PAGE for _ in range(16)):
@@ -244,7 +251,7 @@ def test_no_old_bytes_once_stats_report_the_purge(mounter: Mounter, cause: str) 
                 pytest.fail(f"round {round_}: read at {off} returned {got[:16]!r}... after purge")
         finally:
             os.close(fd)
-        assert _reap([child], time.monotonic() + 30) == []
+        assert _reap([child], time.monotonic() + 30) == ([], [])
         assert purged(big) == [(0, len(body))]
         for push in root.glob("push*"):
             push.unlink()

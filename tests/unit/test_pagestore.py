@@ -148,7 +148,7 @@ def test_purge_marks_pages_purged(store: PageStore) -> None:
     assert f.purge(1, 6) == 3  # pages 1, 2, 3 had data; 4, 5 are holes and stay holes
     assert [f.slot_of(p) for p in range(1, 6)] == [PURGED, PURGED, PURGED, HOLE, HOLE]
     assert f.slot_of(0) >= 0
-    assert f.purged_runs() == [(1, 3)]
+    assert list(f.purged_runs()) == [(1, 3)]
     assert f.resident_pages == 1
     assert store.used_pages == 1
     f.check_invariants()
@@ -186,13 +186,13 @@ def test_partial_write_into_purged_page(store: PageStore) -> None:
     assert store.used_pages == 0
     f.write(PAGE_SIZE + 100, b"new")
     assert f.slot_of(1) >= 0
-    assert f.purged_runs() == [(0, 1), (2, 1)]
+    assert list(f.purged_runs()) == [(0, 1), (2, 1)]
     page = bytes(f.read(PAGE_SIZE, PAGE_SIZE))
     assert page == bytes(100) + b"new" + bytes(PAGE_SIZE - 103)
     assert f.resident_pages == 1
     # A whole-page write over a purged page works too.
     f.write(2 * PAGE_SIZE, b"\x01" * PAGE_SIZE)
-    assert f.purged_runs() == [(0, 1)]
+    assert list(f.purged_runs()) == [(0, 1)]
     with pytest.raises(PurgedPageError):
         f.read(0, 1)
     f.check_invariants()
@@ -203,7 +203,7 @@ def test_truncate_drops_purged_marks(store: PageStore) -> None:
     f.write(0, pattern(4 * PAGE_SIZE))
     f.purge(2, 4)
     f.truncate(2 * PAGE_SIZE)
-    assert f.purged_runs() == []
+    assert list(f.purged_runs()) == []
     f.truncate(4 * PAGE_SIZE)
     assert bytes(f.read(2 * PAGE_SIZE, 2 * PAGE_SIZE)) == bytes(2 * PAGE_SIZE)
 
@@ -363,7 +363,7 @@ def test_filedata_matches_bytearray_model(steps: list[tuple[str, int, int]]) -> 
             assert bytes(f.read(a, b, purged_as_zeros=True)) == expected
         assert f.size == len(model.data)
         assert f.resident_pages == len(model.resident) == store.used_pages
-        assert f.purged_runs() == _runs(model.purged)
+        assert list(f.purged_runs()) == _runs(model.purged)
         f.check_invariants()
         store.check_invariants()
     assert bytes(f.read(0, f.size, purged_as_zeros=True)) == bytes(model.data)

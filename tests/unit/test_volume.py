@@ -403,7 +403,7 @@ def test_write_that_purges_its_own_range_retries_until_it_fits() -> None:
     # 8..11 new too, so g's unit must go as well.
     assert vol.write(f.ino, 8 * PAGE_SIZE, b"b" * 8 * PAGE_SIZE) == 8 * PAGE_SIZE
     assert bytes(vol.read(f.ino, 0, 16 * PAGE_SIZE)) == b"a" * 8 * PAGE_SIZE + b"b" * 8 * PAGE_SIZE
-    assert vol.purged_ranges(g.ino) == [(0, 4 * PAGE_SIZE)]
+    assert list(vol.purged_ranges(g.ino)) == [(0, 4 * PAGE_SIZE)]
     assert sum(vol.reclaim.statistics().purge_events.values()) == 2
     vol.check_invariants()
 

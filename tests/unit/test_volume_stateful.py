@@ -220,14 +220,14 @@ class VolumeMachine(RuleBasedStateMachine):
                 (min(u.pages) * PAGE_SIZE, min(max(u.pages) * PAGE_SIZE + PAGE_SIZE, m.size))
                 for u in m.units
             )
-            got_units = [(o, o + n) for o, n in volume.volatile_ranges(ino)]
+            got_units = [(o, o + n) for o, n in list(volume.volatile_ranges(ino))]
             assert got_units == [(a, b) for a, b in units if a < b]
             purged = [
                 (p * PAGE_SIZE, min(PAGE_SIZE, m.size - p * PAGE_SIZE))
                 for p in sorted(m.pages)
                 if m.pages[p] is PURGED and p * PAGE_SIZE < m.size
             ]
-            assert _merge(volume.purged_ranges(ino)) == _merge(purged)
+            assert _merge(list(volume.purged_ranges(ino))) == _merge(purged)
             resident += sum(1 for page in m.pages.values() if isinstance(page, bytes))
             for p in range(-(-m.size // PAGE_SIZE)):
                 want = m.pages.get(p, HOLE)
