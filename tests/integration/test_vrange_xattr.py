@@ -13,6 +13,7 @@ import errno
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -563,3 +564,55 @@ def test_nobody_marks_its_own_writable_file_but_not_a_read_only_one(work: Path) 
     }
     assert volatile(mine) == [(0, 2 * PAGE)]
     assert volatile(read_only) == []
+
+
+def test_purged_listing_too_long_fails_fast_with_e2big(shared: Mount, work: Path) -> None:
+    """5,000 purged runs list as about 80 KB: E2BIG, answered without walking them all
+    (the daemon stops at 64 KiB); the purged pages stay purged and markable."""
+    f = work / "runs"
+    runs = 5000
+    fd = os.open(f, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        for i in range(runs):  # one data page, one hole: every purged page is its own run
+            os.pwrite(fd, b"r" * PAGE, 2 * i * PAGE)
+            mark(fd, f"{2 * i * PAGE},{PAGE}")
+        purge_all(shared.path)
+        started = time.monotonic()
+        assert errno_of(os.getxattr, fd, PURGED) == errno.E2BIG
+        assert time.monotonic() - started < 2.0
+        unmark(fd, f"{2 * PAGE},0")  # the first run alone is listed again
+        assert errno_of(os.getxattr, fd, PURGED) == errno.E2BIG  # purged until written
+        os.ftruncate(fd, 2 * PAGE)
+        assert purged(fd) == [(0, PAGE)]
+    finally:
+        os.close(fd)
+
+
+# -- XATTR_CREATE / XATTR_REPLACE ---------------------------------------------------------
+def test_create_and_replace_flags_on_the_action_names(shared: Mount, work: Path) -> None:
+    """What the flags do on the virtual names (docs/xattrs.md): the FUSE binding emulates
+    them by reading the name first, so readable names "exist" and set-only names do not.
+    A refused call changes nothing."""
+    f = work / "flags"
+    f.write_bytes(pattern(4))
+    # volatile is readable: it always exists. CREATE is refused, REPLACE marks.
+    assert errno_of(os.setxattr, f, VOLATILE, b"0,0", os.XATTR_CREATE) == errno.EEXIST
+    assert volatile(f) == []
+    os.setxattr(f, VOLATILE, b"0,0", os.XATTR_REPLACE)
+    assert volatile(f) == [(0, 4 * PAGE)]
+    # nonvolatile and purge can only be set: they never exist. REPLACE is refused,
+    # CREATE acts.
+    assert errno_of(os.setxattr, f, NONVOLATILE, b"0,0", os.XATTR_REPLACE) == errno.ENODATA
+    assert volatile(f) == [(0, 4 * PAGE)]
+    assert errno_of(os.setxattr, shared.path, PURGE, b"all", os.XATTR_REPLACE) == errno.ENODATA
+    assert purged(f) == []
+    os.setxattr(shared.path, PURGE, b"all", os.XATTR_CREATE)
+    assert purged(f) == [(0, 4 * PAGE)]
+    os.setxattr(f, NONVOLATILE, b"0,0", os.XATTR_CREATE)
+    assert volatile(f) == []
+    # Ordinary user.* attributes keep the usual meaning of the flags.
+    os.setxattr(f, "user.plain", b"1", os.XATTR_CREATE)
+    assert errno_of(os.setxattr, f, "user.plain", b"2", os.XATTR_CREATE) == errno.EEXIST
+    assert errno_of(os.setxattr, f, "user.other", b"2", os.XATTR_REPLACE) == errno.ENODATA
+    os.setxattr(f, "user.plain", b"3", os.XATTR_REPLACE)
+    assert os.getxattr(f, "user.plain") == b"3"
