@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 
 
@@ -12,7 +11,3 @@ class FsError(Exception):
     def __init__(self, err: int, message: str = "") -> None:
         super().__init__(message or os.strerror(err))
         self.errno = err
-
-
-def enoent(what: str = "") -> FsError:
-    return FsError(errno.ENOENT, what)

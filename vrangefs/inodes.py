@@ -125,10 +125,6 @@ class Inode:
         return stat.S_ISDIR(self.mode)
 
     @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
     def size(self) -> int:
         if self.data is not None:
             return self.data.size
