@@ -24,7 +24,9 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,15 +48,6 @@ HUNG_EXIT_TIMEOUT = 2.0
 """...and for a hung one, after its connection is gone."""
 CONNECTIONS = "/sys/fs/fuse/connections"
 
-_PROBE = (
-    "import os, sys\n"
-    "try:\n"
-    "    sys.stdout.buffer.write(os.getxattr(sys.argv[1], sys.argv[2]))\n"
-    "except OSError as e:\n"
-    "    sys.stdout.write(f'errno {e.errno}')\n"
-    "    sys.exit(3)\n"
-)
-
 
 class Health(Enum):
     ANSWERS = "answers"
@@ -70,7 +63,7 @@ class Daemon:
 
     pids: list[int] = field(default_factory=list)
     health: Health = Health.ANSWERS
-    probe: subprocess.Popen[bytes] | None = None
+    probe: int | None = None
     """A probe that did not return in time (killed; reaped once the mount is gone)."""
 
     def describe(self, mountpoint: str) -> str:
@@ -151,34 +144,66 @@ def connection_holders(connection: int) -> list[int] | None:
     return sorted(found)
 
 
-def probe(mountpoint: str) -> tuple[Health, int | None, subprocess.Popen[bytes] | None]:
+def probe(mountpoint: str) -> tuple[Health, int | None, int | None]:
     """Ask the daemon for its statistics from a child process, for PROBE_TIMEOUT seconds.
 
-    Returns the health, the pid from the statistics if it answered with one, and the probe
-    if it had to be killed (a request the daemon has already read keeps its sender until
-    the connection ends: reap it after the unmount).
+    A child, not a thread: a request the daemon has already read but never answers keeps
+    its sender in an uninterruptible wait until the connection ends, and a process with
+    such a thread could not even exit.  Returns the health, the pid from the statistics
+    if it answered with one, and the pid of the probe if it had to be killed (reap it
+    once the connection is gone: :func:`_reap`).
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _PROBE, mountpoint, protocol.STATS],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd="/",
-    )
-    try:
-        out, _ = proc.communicate(timeout=PROBE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return Health.HUNG, None, proc
-    if proc.returncode == 0:
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: ask, report, exit
         try:
-            pid = protocol.parse_stats(out).get("pid")
-        except ValueError:
-            pid = None
-        return Health.ANSWERS, pid if isinstance(pid, int) else None, None
-    if out.strip() == f"errno {errno.ENOTCONN}".encode():
+            os.close(read_fd)
+            try:
+                reply = b"ok " + os.getxattr(mountpoint, protocol.STATS)
+            except OSError as e:
+                reply = b"errno %d" % (e.errno or 0)
+            os.write(write_fd, reply)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        data = b""
+        deadline = time.monotonic() + PROBE_TIMEOUT
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not select.select([read_fd], [], [], remaining)[0]:
+                break
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                os.waitpid(child, 0)
+                return _answer(data)
+            data += chunk
+    finally:
+        os.close(read_fd)
+    os.kill(child, signal.SIGKILL)
+    return Health.HUNG, None, child
+
+
+def _answer(reply: bytes) -> tuple[Health, int | None, None]:
+    if reply == b"errno %d" % errno.ENOTCONN:
         return Health.GONE, None, None
-    return Health.ANSWERS, None, None  # it answered, if only with an error
+    if not reply.startswith(b"ok "):
+        return Health.ANSWERS, None, None  # it answered, if only with an error
+    try:
+        pid = protocol.parse_stats(reply[len(b"ok ") :]).get("pid")
+    except ValueError:
+        pid = None
+    return Health.ANSWERS, pid if isinstance(pid, int) else None, None
+
+
+def _reap(pid: int, timeout: float) -> None:
+    """Reap a killed probe once it is gone; leave it to init after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+        return
 
 
 def assess(entry: mountinfo.MountEntry) -> Daemon:
@@ -288,8 +313,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         return _unmount_silent(mountpoint, entry, daemon)
     finally:
         if daemon.probe is not None:  # its request ended with the connection
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                daemon.probe.wait(timeout=HUNG_EXIT_TIMEOUT)
+            _reap(daemon.probe, HUNG_EXIT_TIMEOUT)
 
 
 def _unmount_answering(mountpoint: str, daemon: Daemon) -> int:
