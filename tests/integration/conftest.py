@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from vrangefs import mountinfo
+from vrangefs import mountinfo, unmount
 from vrangefs.protocol import int_stats, read_stats
 
 _VENV_CLI = Path(sys.executable).with_name("vrangefs")
@@ -110,6 +110,17 @@ def serving_pids(path: str | Path) -> list[int]:
                     found.append(int(entry))
                 break
     return found
+
+
+def abort_connection(path: str | Path) -> None:
+    """Last resort for a mount that stopped answering: abort its FUSE connection.
+
+    Its requests then fail at once, so that the teardown can unmount it.  (fusectl is
+    mounted on /sys/fs/fuse/connections first if need be.)
+    """
+    entry = mountinfo.find(path)
+    if entry is not None and entry.fuse_connection is not None:
+        unmount.abort_connection(entry.fuse_connection)
 
 
 def mount_stats(path: str | Path) -> dict[str, int]:

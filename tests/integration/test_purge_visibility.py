@@ -22,11 +22,10 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Mount, Mounter
+from tests.integration.conftest import Mount, Mounter, abort_connection
 from tests.integration.vrange_helpers import (
     PAGE,
     PURGE,
@@ -45,18 +44,6 @@ MiB = 1024 * 1024
 
 
 # -- helpers --------------------------------------------------------------------------------
-def _abort_connection(path: Path) -> None:
-    """Last resort for a mount that stopped answering: abort its FUSE connection."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(path):
-                minor = fields[2].split(":")[1]
-                with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as abort:
-                    abort.write("1")
-                return
-
-
 def _timed(fn: Callable[[], object], timeout: float) -> float | None:
     """Seconds *fn* took in a thread, or None if it had not returned after *timeout*."""
     done = threading.Event()
@@ -114,7 +101,7 @@ def hostile(mounter: Mounter) -> Iterator[Mount]:
     finally:
         # Not is_mounted(): resolving the path would itself wait on a mount that hangs.
         if _timed(lambda: os.statvfs(mount.path), 10.0) is None:
-            _abort_connection(mount.path)
+            abort_connection(mount.path)
             mount.check_log = False
             mount.expect_status = -9  # whatever it is: the abort is the test's failure
 

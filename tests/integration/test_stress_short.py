@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Mount, Mounter
+from tests.integration.conftest import Mount, Mounter, abort_connection
 
 STRESS = Path(__file__).resolve().parents[2] / "tools" / "stress.py"
 SEED = 20240611
@@ -73,13 +73,7 @@ def _abort_if_hung(mount: Mount) -> bool:
     unmount it); True if it had to."""
     if _answers(mount.path, 10.0):
         return False
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mount.path):
-                minor = fields[2].split(":")[1]
-                with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as abort:
-                    abort.write("1")
+    abort_connection(mount.path)
     return True
 
 
