@@ -58,20 +58,22 @@ must be listed in ``user.vrange.purged`` and fail with EIO (old bytes from the k
 are corruption); after a mark non-volatile, listed pages must fail and the others read exactly
 what was written, and the file, one unit, is purged whole or not at all. Half of the waiters'
 and readers' picks go to a victim, a quarter to the "hot" file of the owners' files (the same
-file in every process; it changes every 2 s), a quarter to any file. They stop when
-``--seconds`` are up; the owners then settle their files (the final check) without them. Run as
-root on a mount with ``allow_other`` (``--mount-fresh`` adds ``-o allow_other`` for the hostile
-mix), every second one of them runs as ``--second-user`` (65534). Readers check what they read
-as foreign readers do; waiters check that the list is well formed; the owners' models must hold
-as always. A watchdog thread probes ``getxattr user.vrange.stats`` on the mount root every
-``--probe-every`` seconds: a probe that gets no answer within ``--watchdog`` seconds (15) fails
-the run. The tool then shows the daemon's threads (their state, and the kernel stacks of blocked
-ones; SIGUSR1 makes the daemon log its Python stacks), aborts the FUSE connection through
-``/sys/fs/fuse/connections/N/abort`` (N: the mount's minor device number; all data on the mount
-is lost) so that nothing stays blocked, and exits 1. The probe latencies (median, p99, max) are
-reported at the end. Whatever the tool starts ends with it: children are killed on the way out
-(and die with the tool through PR_SET_PDEATHSIG); children that cannot be killed because the
-mount stopped answering are freed by the same abort.
+file in every process; it changes every 2 s), a quarter to any file. They learn the owners' file
+names from one thread of the tool that lists the directories twice a second (the kernel
+serializes READDIR and LOOKUP in a directory: a listing storm would slow the owners more than
+the mount). They stop when ``--seconds`` are up; the owners then settle their files (the final
+check) without them. Run as root on a mount with ``allow_other`` (``--mount-fresh`` adds ``-o
+allow_other`` for the hostile mix), every second one of them runs as ``--second-user`` (65534).
+Readers check what they read as foreign readers do; waiters check that the list is well formed;
+the owners' models must hold as always. A watchdog thread probes ``getxattr user.vrange.stats``
+on the mount root every ``--probe-every`` seconds: a probe that gets no answer within
+``--watchdog`` seconds (15) fails the run. The tool then shows the daemon's threads (their
+state, and the kernel stacks of blocked ones; SIGUSR1 makes the daemon log its Python stacks),
+aborts the FUSE connection through ``/sys/fs/fuse/connections/N/abort`` (N: the mount's minor
+device number; all data on the mount is lost) so that nothing stays blocked, and exits 1. The
+probe latencies (median, p99, max) are reported at the end. Whatever the tool starts ends with
+it: children are killed on the way out (and die with the tool through PR_SET_PDEATHSIG);
+children that cannot be killed because the mount stopped answering are freed by the same abort.
 
 Counted and printed at the end: operations by kind, errors by operation and errno (expected
 ones: ENOSPC on writes, EIO and SIGBUS where a page may be purged, ENOENT for a file its
@@ -137,6 +139,7 @@ HOT_SHARE = 0.25  # ... and to the hot file of the owners' files
 VICTIM_FID = 0xFF000000  # file ids of victims (owners' ids are index << 24 | n)
 VICTIM_MAX = 4 << 20  # a victim's size, at most a quarter of the cap
 STOP_GRACE = 10.0  # seconds children get to stop before they are killed
+LIST_EVERY = 0.5  # seconds between listings of the owners' directories for the hostile mix
 _LOG_PROBLEM = re.compile(r" (ERROR|CRITICAL): |Traceback \(most recent call last\)")
 
 # Weights of the operations a worker picks from.
@@ -1358,6 +1361,47 @@ def worker_main(
 
 
 # -- the hostile mix ---------------------------------------------------------------------------
+class SharedListing:
+    """The owners' files (``oN/NAME``, sorted), listed by one thread of the parent every
+    LIST_EVERY seconds and read by every hostile process from shared memory.
+
+    The kernel serializes READDIR and LOOKUP in a directory, each waiting its turn in the
+    daemon's queue: hundreds of processes listing the same directories would slow the owners
+    far more than the mount. Two buffers: the writer fills the one not in use, then flips.
+    """
+
+    CAP = 1 << 16
+
+    def __init__(self, ctx: Any) -> None:
+        self.buf = ctx.RawArray("c", 2 * self.CAP)
+        self.lens = ctx.RawArray("i", 2)
+        self.which = ctx.RawValue("i", 0)
+
+    def publish(self, names: Sequence[str]) -> None:
+        data = "\n".join(names).encode()
+        if len(data) > self.CAP:
+            data = data[: data.rindex(b"\n", 0, self.CAP)]
+        w = 1 - self.which.value
+        self.buf[w * self.CAP : w * self.CAP + len(data)] = data
+        self.lens[w] = len(data)
+        self.which.value = w
+
+    def read(self) -> list[str]:
+        w = self.which.value
+        n = self.lens[w]
+        return bytes(self.buf[w * self.CAP : w * self.CAP + n]).decode().split("\n") if n else []
+
+    def scout(self, root: Path, owners: int, done: threading.Event) -> None:
+        """List the owners' directories until *done* (a thread of the parent)."""
+        while not done.is_set():
+            names = []
+            for i in range(owners):
+                with contextlib.suppress(OSError):
+                    names += [f"o{i}/{n}" for n in os.listdir(root / f"o{i}") if n[0] != "."]
+            self.publish(sorted(names))
+            done.wait(LIST_EVERY)
+
+
 class Hostile(Worker):
     """A waiter, reader or victim of the hostile mix: it works on the owners' files and on the
     victims, and owns none of the owners' files. It runs until the parent says stop."""
@@ -1368,7 +1412,7 @@ class Hostile(Worker):
         "victim": "victim_cycle",
     }
 
-    def __init__(self, cfg: Config, kind: str, k: int, stop: Any) -> None:
+    def __init__(self, cfg: Config, kind: str, k: int, stop: Any, listing: SharedListing) -> None:
         offset = {"waiter": 1, "reader": 1 + cfg.waiters, "victim": 1 + cfg.waiters + cfg.readers}
         super().__init__(cfg, cfg.procs + offset[kind] + k, None, stop)
         self.kind = kind
@@ -1378,6 +1422,7 @@ class Hostile(Worker):
         self.fd: int | None = None
         self.until = 0.0
         self.cycles = 0
+        self.listing = listing
 
     def run(self) -> Report:
         op = self.OPS[self.kind]
@@ -1393,26 +1438,18 @@ class Hostile(Worker):
         time.sleep(0.05)  # a dead mount fails at once: do not spin
 
     # -- targets ------------------------------------------------------------------------------
-    def targets(self, d: Path) -> list[Path]:
-        try:
-            names = os.listdir(d)
-        except FileNotFoundError:
-            return []
-        return [d / n for n in names if not n.startswith((".", "filler"))]
-
     def pick_target(self) -> Path | None:
         """A victim, the hot file of the moment (the same in every process), or any file."""
         r = self.rng.random()
-        if r < VICTIM_SHARE and (victims := self.targets(self.cfg.victim_dir)):
-            return self.rng.choice(victims)
-        found = [f for i in range(self.cfg.procs) for f in self.targets(self.cfg.root / f"o{i}")]
-        if not found:
+        if r < VICTIM_SHARE and self.cfg.victims:
+            return self.cfg.victim_dir / f"v{self.rng.randrange(self.cfg.victims)}"
+        names = self.listing.read()
+        if not names:
             return None
+        rng = self.rng
         if r < VICTIM_SHARE + HOT_SHARE:
-            found.sort()
-            slot = int(time.time() / HOT_PERIOD)
-            return found[random.Random(self.cfg.seed * 1_000_003 + slot).randrange(len(found))]
-        return self.rng.choice(found)
+            rng = random.Random(self.cfg.seed * 1_000_003 + int(time.time() / HOT_PERIOD))
+        return self.cfg.root / rng.choice(names)
 
     def drop_target(self) -> None:
         if self.fd is not None:
@@ -1438,6 +1475,7 @@ class Hostile(Worker):
             by_fd = self.rng.random() < 0.25
             self.note(f"wait on {self.name(self.current)}" + (" (open)" if by_fd else ""))
             if by_fd:
+                opened = time.monotonic()
                 try:
                     self.fd = os.open(self.current, os.O_RDONLY)
                 except OSError as e:
@@ -1446,7 +1484,9 @@ class Hostile(Worker):
                     self.expected("wait_purged", e.errno)
                     self.drop_target()
                     return True
+                self.slow("open", opened)
         target = self.current
+        started = time.monotonic()
         try:
             value = os.getxattr(self.fd if self.fd is not None else target, PURGED)
         except OSError as e:
@@ -1455,8 +1495,16 @@ class Hostile(Worker):
             self.expected("wait_purged", e.errno)  # renamed or removed by its owner
             self.drop_target()
             return True
+        what = "a victim" if target.parent == self.cfg.victim_dir else "an owner's file"
+        self.slow(f"getxattr purged on {what}", started)
         self.check_listing(self.name(target), value)
         return True
+
+    def slow(self, what: str, started: float) -> None:
+        """Count a step that took over 1 s (and over 10 s) by what it did."""
+        took = time.monotonic() - started
+        if took > 1.0:
+            self.report.notes[f"{self.kind}: {what} over {10 if took > 10 else 1} s"] += 1
 
     def check_listing(self, name: str, value: bytes) -> None:
         """A ``purged`` list must be ranges sorted by offset, page-aligned, not overlapping."""
@@ -1624,12 +1672,13 @@ def hostile_main(
     k: int,
     uid: int | None,
     stop: Any,
+    listing: SharedListing,
     conn: multiprocessing.connection.Connection,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    hostile = Hostile(cfg, kind, k, stop)
+    hostile = Hostile(cfg, kind, k, stop, listing)
     try:
         if uid is not None:
             become(uid)
@@ -1709,7 +1758,12 @@ class Watchdog:
             self.in_flight = None
             if error is not None:
                 if not self.done.is_set():
-                    self.fail(f"the mount root answered getxattr({STATS}) with {error!r}", False)
+                    gone = "" if _mounted(self.mountpoint) else "; it is no longer mounted"
+                    self.fail(
+                        f"the mount root answered getxattr({STATS}) with {error!r}{gone} "
+                        "(the daemon's log may tell why)",
+                        False,
+                    )
                 return
             self.done.wait(max(0.0, self.every - took))
 
@@ -1837,6 +1891,8 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
     progress = ctx.RawArray("q", cfg.procs)
     stop: Synchronized[int] = ctx.Value("i", 0)
     hostile_stop = ctx.RawValue("i", 0)  # read in a tight loop by hundreds: no lock
+    listing = SharedListing(ctx)
+    scout_done = threading.Event()
 
     # Who does what in the hostile mix: (kind, k, uid or None).
     why_not = second_user_problem(cfg) if cfg.waiters or cfg.readers else None
@@ -1907,11 +1963,18 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
             send.close()
             pipes.append(recv)
             procs.append(p)
+        if plan:
+            threading.Thread(
+                target=listing.scout,
+                args=(cfg.root, cfg.procs, scout_done),
+                name="scout",
+                daemon=True,
+            ).start()
         for kind, k, uid in plan:
             recv, send = ctx.Pipe(duplex=False)
             hp = ctx.Process(
                 target=hostile_main,
-                args=(cfg, kind, k, uid, hostile_stop, send),
+                args=(cfg, kind, k, uid, hostile_stop, listing, send),
                 name=f"{kind}{k}",
             )
             hp.start()
@@ -1967,6 +2030,7 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
             signal.signal(s, handler)
         stop.value = 1
         hostile_stop.value = 1
+        scout_done.set()
         for wp in procs:
             wp.join(STOP_GRACE)
             if wp.is_alive():
