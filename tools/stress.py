@@ -57,23 +57,24 @@ otherwise. A victim keeps an exact model of its file: after purge-all has return
 must be listed in ``user.vrange.purged`` and fail with EIO (old bytes from the kernel's cache
 are corruption); after a mark non-volatile, listed pages must fail and the others read exactly
 what was written, and the file, one unit, is purged whole or not at all. Half of the waiters'
-and readers' picks go to a victim, a quarter to the "hot" file of the owners' files (the same
-file in every process; it changes every 2 s), a quarter to any file. They learn the owners' file
-names from one thread of the tool that lists the directories twice a second (the kernel
-serializes READDIR and LOOKUP in a directory: a listing storm would slow the owners more than
-the mount). They stop when ``--seconds`` are up; the owners then settle their files (the final
-check) without them. Run as root on a mount with ``allow_other`` (``--mount-fresh`` adds ``-o
-allow_other`` for the hostile mix), every second one of them runs as ``--second-user`` (65534).
-Readers check what they read as foreign readers do; waiters check that the list is well formed;
-the owners' models must hold as always. A watchdog thread probes ``getxattr user.vrange.stats``
-on the mount root every ``--probe-every`` seconds: a probe that gets no answer within
-``--watchdog`` seconds (15) fails the run. The tool then shows the daemon's threads (their
-state, and the kernel stacks of blocked ones; SIGUSR1 makes the daemon log its Python stacks),
-aborts the FUSE connection through ``/sys/fs/fuse/connections/N/abort`` (N: the mount's minor
-device number; all data on the mount is lost) so that nothing stays blocked, and exits 1. The
-probe latencies (median, p99, max) are reported at the end. Whatever the tool starts ends with
-it: children are killed on the way out (and die with the tool through PR_SET_PDEATHSIG);
-children that cannot be killed because the mount stopped answering are freed by the same abort.
+picks go to a victim (the readers': 80 %; a read in flight is what a purge's invalidation waits
+for), a quarter to the "hot" file of the owners' files (the same file in every process; it
+changes every 2 s), the rest to any file. They learn the owners' file names from one thread of
+the tool that lists the directories twice a second (the kernel serializes READDIR and LOOKUP in
+a directory: a listing storm would slow the owners more than the mount). They stop when
+``--seconds`` are up; the owners then settle their files (the final check) without them. Run as
+root on a mount with ``allow_other`` (``--mount-fresh`` adds ``-o allow_other`` for the hostile
+mix), every second one of them runs as ``--second-user`` (65534). Readers check what they read
+as foreign readers do; waiters check that the list is well formed; the owners' models must hold
+as always. A watchdog thread probes ``getxattr user.vrange.stats`` on the mount root every
+``--probe-every`` seconds: a probe that gets no answer within ``--watchdog`` seconds (15) fails
+the run. The tool then shows the daemon's threads (their state, and the kernel stacks of blocked
+ones; SIGUSR1 makes the daemon log its Python stacks), aborts the FUSE connection through
+``/sys/fs/fuse/connections/N/abort`` (N: the mount's minor device number; all data on the mount
+is lost) so that nothing stays blocked, and exits 1. The probe latencies (median, p99, max) are
+reported at the end. Whatever the tool starts ends with it: children are killed on the way out
+(and die with the tool through PR_SET_PDEATHSIG); children that cannot be killed because the
+mount stopped answering are freed by the same abort.
 
 Counted and printed at the end: operations by kind, errors by operation and errno (expected
 ones: ENOSPC on writes, EIO and SIGBUS where a page may be purged, ENOENT for a file its
@@ -134,7 +135,7 @@ MOUNT_TIMEOUT = 60.0
 HANG_SECONDS = 120.0
 PR_SET_PDEATHSIG = 1
 HOT_PERIOD = 2.0  # seconds a hot file stays hot for the hostile mix
-VICTIM_SHARE = 0.5  # the share of waiters' and readers' picks that go to a victim
+VICTIM_SHARE = {"waiter": 0.5, "reader": 0.8}  # the share of picks that go to a victim
 HOT_SHARE = 0.25  # ... and to the hot file of the owners' files
 VICTIM_FID = 0xFF000000  # file ids of victims (owners' ids are index << 24 | n)
 VICTIM_MAX = 4 << 20  # a victim's size, at most a quarter of the cap
@@ -1441,13 +1442,14 @@ class Hostile(Worker):
     def pick_target(self) -> Path | None:
         """A victim, the hot file of the moment (the same in every process), or any file."""
         r = self.rng.random()
-        if r < VICTIM_SHARE and self.cfg.victims:
+        victim_share = VICTIM_SHARE.get(self.kind, 0.0)
+        if r < victim_share and self.cfg.victims:
             return self.cfg.victim_dir / f"v{self.rng.randrange(self.cfg.victims)}"
         names = self.listing.read()
         if not names:
             return None
         rng = self.rng
-        if r < VICTIM_SHARE + HOT_SHARE:
+        if r < victim_share + HOT_SHARE:
             rng = random.Random(self.cfg.seed * 1_000_003 + int(time.time() / HOT_PERIOD))
         return self.cfg.root / rng.choice(names)
 
