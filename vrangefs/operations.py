@@ -145,10 +145,16 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         return self.attributes(self.volume.lookup(parent_inode, name))
 
-    @_handler
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        """FORGET has no reply: pyfuse3 awaits it in its main loop, where any exception,
+        FUSEError included, would end the daemon. So nothing may escape from here."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("forget(%r)", inode_list)
         for ino, count in inode_list:
-            self.volume.forget(ino, count)
+            try:
+                self.volume.forget(ino, count)
+            except Exception:
+                log.exception("unexpected error in forget(%d, %d): the inode may leak", ino, count)
 
     @_handler
     async def getattr(

@@ -16,11 +16,14 @@ import stat
 
 import pyfuse3
 import pytest
+import trio
 
 from tests.adapter.harness import ROOT, Fs, context, errno_of, run, setattr_fields
 from vrangefs import operations
-from vrangefs.pagestore import PAGE_SIZE
+from vrangefs.operations import Operations
+from vrangefs.pagestore import PAGE_SIZE, PageStore
 from vrangefs.protocol import VOLATILE_B
+from vrangefs.volume import Volume
 
 FAULT = b"user.vrange.fault"
 
@@ -243,3 +246,21 @@ def test_setattr_truncate_through_the_adapter() -> None:
 
     assert run(body) == (PAGE_SIZE + 1, 2)
     fs.volume.check_invariants()
+
+
+def test_forget_never_raises_into_pyfuse3(caplog: pytest.LogCaptureFixture) -> None:
+    """pyfuse3 awaits FORGET in its main loop with no reply to send: an exception there,
+    FUSEError included, would end the daemon. A failing forget is logged and swallowed."""
+    vol = Volume(PageStore(16 * PAGE_SIZE))
+    ops = Operations(vol, invalidate=lambda ino: None)
+
+    def broken(ino: int, count: int) -> None:
+        raise RuntimeError("boom")
+
+    vol.forget = broken  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await ops.forget([(pyfuse3.InodeT(5), 1), (pyfuse3.InodeT(6), 2)])
+
+    trio.run(main)
+    assert caplog.text.count("unexpected error in forget") == 2
