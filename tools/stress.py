@@ -1502,6 +1502,12 @@ class Hostile(Worker):
         self.check_listing(self.name(target), value)
         return True
 
+    @contextlib.contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.slow(what, started)
+
     def slow(self, what: str, started: float) -> None:
         """Count a step that took over 1 s (and over 10 s) by what it did."""
         took = time.monotonic() - started
@@ -1573,17 +1579,21 @@ class Hostile(Worker):
         After purge-all every page must be listed (purge-all returns only once they are)."""
         size = self.cfg.victim_size
         path = self.cfg.victim_dir / f"v{self.k}"
-        if self.fd is None:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.fd is None:  # readers find it by name: it appears with its file id
+            tmp = path.with_name(f".tmp-v{self.k}")
+            self.fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.setxattr(self.fd, FID_XATTR, str(VICTIM_FID | self.k).encode())
+            os.rename(tmp, path)
         fd, name = self.fd, self.name(path)
         self.cycles += 1
-        os.setxattr(fd, NONVOLATILE, b"0,0")
+        with self.timed("mark non-volatile"):
+            os.setxattr(fd, NONVOLATILE, b"0,0")
         self.gen += 1
         data = pattern(VICTIM_FID | self.k, self.gen, 0, size)
         self.note(f"cycle {self.cycles}: rewrite {name} gen {self.gen}")
         try:
-            written = os.pwrite(fd, data, 0)
+            with self.timed("rewrite"):
+                written = os.pwrite(fd, data, 0)
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
@@ -1593,21 +1603,26 @@ class Hostile(Worker):
             self.report.notes["short writes"] += 1
             return True
         os.ftruncate(fd, size)
-        self.check_victim(fd, name, data, set(), "after the rewrite")
-        os.setxattr(fd, VOLATILE, b"0,0")
+        with self.timed("read after the rewrite"):
+            self.check_victim(fd, name, data, set(), "after the rewrite")
+        with self.timed("mark volatile"):
+            os.setxattr(fd, VOLATILE, b"0,0")
         explicit = self.cycles % 2 == 1
         if explicit:
             self.note("purge all")
-            os.setxattr(self.cfg.mountpoint, PURGE, b"all")
+            with self.timed("purge-all"):
+                os.setxattr(self.cfg.mountpoint, PURGE, b"all")
             # Purge-all has returned: the victim is gone, and no read may see its old bytes.
             listed = pages_of(parse_ranges(os.getxattr(fd, PURGED)))
             if listed != set(range(size // PAGE)):
                 self.corrupt(f"{name}: after purge-all, purged lists pages {runs(listed)}")
             self.check_victim(fd, name, data, set(range(size // PAGE)), "after purge-all")
         else:
-            self.push_at_cap()
+            with self.timed("push at the cap"):
+                self.push_at_cap()
         self.note(f"nonvolatile {name}")
-        os.setxattr(fd, NONVOLATILE, b"0,0")
+        with self.timed("mark non-volatile"):
+            os.setxattr(fd, NONVOLATILE, b"0,0")
         listed = pages_of(parse_ranges(os.getxattr(fd, PURGED)))
         if listed and listed != set(range(size // PAGE)):
             self.corrupt(f"{name}: one unit, but only pages {runs(listed)} are purged")
@@ -1615,7 +1630,8 @@ class Hostile(Worker):
         self.report.notes[
             f"victim cycles, purged {how}" if listed else "victim cycles, intact"
         ] += 1
-        self.check_victim(fd, name, data, listed, "settled")
+        with self.timed("read when settled"):
+            self.check_victim(fd, name, data, listed, "settled")
         return True
 
     def push_at_cap(self) -> None:

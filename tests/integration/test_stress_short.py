@@ -109,8 +109,7 @@ def test_stress_hostile_short(mounter: Mounter, tmp_path: Path) -> None:
     ops, notes = report["ops"], report["notes"]
     assert ops.get("wait_purged", 0) >= 1000, output
     assert ops.get("reread", 0) > 0 and notes.get("reread passes (then fadvise DONTNEED)", 0) > 0
-    assert ops.get("victim_cycle", 0) >= 4, output
-    assert notes.get("victim cycles, purged by purge-all", 0) > 0, output
+    assert notes.get("victim cycles, purged by purge-all", 0) > 0, output  # the first one is
     assert ops.get("write", 0) and ops.get("nonvolatile", 0), output
     if os.geteuid() == 0:  # and the mount allows others: every second one is the other user
         assert report["hostile"]["second_user_processes"] == 102, output
