@@ -24,7 +24,6 @@ import time
 from vrangefs import config, mountinfo
 from vrangefs.config import Machine, MountConfig, UserError
 from vrangefs.memory import MemoryProbe, meminfo
-from vrangefs.mount import run, setup_logging
 from vrangefs.unmount import fusermount
 
 log = logging.getLogger(__name__)
@@ -124,6 +123,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def run_foreground(mount_config: MountConfig, args: argparse.Namespace, ready: Readiness) -> int:
     """Serve the mount in this process until it is unmounted or signalled."""
+    # The daemon's own imports (pyfuse3, trio) cost every other command ~0.3 s of
+    # start-up, so only the process that serves loads them.
+    from vrangefs.mount import run, setup_logging  # noqa: PLC0415
+
     setup_logging(args.debug, args.log_file)
 
     def mounted(error: str | None) -> None:
