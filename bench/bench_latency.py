@@ -1,0 +1,265 @@
+"""Latency of small requests while another process runs a big operation.
+
+Issue 12 asks that no request hold the daemon for long: while one process runs a
+big operation, another's small requests must see p99 <= 20 ms and max <= 100 ms.
+This measures that. For each big operation a prober process loops over three
+small requests that reach the daemon:
+
+- ``stats``: getxattr ``user.vrange.stats`` on the mount root;
+- ``create``: create, close and unlink a file in a directory of its own;
+- ``read``: a 4 KiB ``O_DIRECT`` pread of a file (every one is a READ to the daemon).
+
+Each big operation is set up first (not measured), then run in its own process
+while the prober runs; only probes that start while the operation runs count.
+
+    .venv/bin/python bench/bench_latency.py                 # about 3 minutes
+    .venv/bin/python bench/bench_latency.py --scale 5        # the issue's sizes, about 15 min
+    .venv/bin/python bench/bench_latency.py --only unmark,purge --json out.json
+
+Operations (default sizes; ``--scale`` multiplies them):
+
+- ``unmark``: one ``user.vrange.nonvolatile 0,0`` over 200,000 one-page units;
+- ``purge``: purge-all of 200,000 one-page units that hold data (800 MB);
+- ``truncate``: truncate to 0 of a 1 TiB sparse file with 20,000 pages scattered through it;
+- ``readdir``: ``os.listdir`` of a directory of 20,000 entries;
+- ``evict``: a 256 MiB write into a 256 MiB cap full of 65,536 one-page volatile units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vrange_util import (
+    PURGE,
+    Session,
+    add_wait_quiet,
+    config_of,
+    fmt,
+    in_child,
+    print_table,
+    run_session,
+    write_json,
+)
+
+PAGE = 4096
+MiB = 1 << 20
+TARGET_P99_S = 0.020
+TARGET_MAX_S = 0.100
+NONVOLATILE = "user.vrange.nonvolatile"
+VOLATILE = "user.vrange.volatile"
+STATS = "user.vrange.stats"
+PROBE_FILE_PAGES = 4096  # 16 MiB read by the prober
+
+
+# -- the prober (a child process: python bench_latency.py --probe MOUNTPOINT) ---------------
+def probe_loop(mountpoint: Path) -> None:
+    """Probe until SIGTERM; print one line per probe: kind start_monotonic seconds."""
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    rng = random.Random(1)
+    buf = mmap.mmap(-1, PAGE)
+    fd = os.open(mountpoint / "probe" / "data", os.O_RDONLY | os.O_DIRECT)
+    scratch = mountpoint / "probe" / "scratch"
+    out = sys.stdout
+    n = 0
+    while not stop:
+        n += 1
+        t = time.monotonic()
+        os.getxattr(mountpoint, STATS)
+        out.write(f"stats {t:.6f} {time.monotonic() - t:.6f}\n")
+        t = time.monotonic()
+        os.close(os.open(scratch / f"f{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.unlink(scratch / f"f{n}")
+        out.write(f"create {t:.6f} {time.monotonic() - t:.6f}\n")
+        t = time.monotonic()
+        os.preadv(fd, [buf], rng.randrange(PROBE_FILE_PAGES) * PAGE)
+        out.write(f"read {t:.6f} {time.monotonic() - t:.6f}\n")
+        out.flush()
+        time.sleep(0.002)  # the prober's pace: about 300 probes a second
+    os.close(fd)
+
+
+# -- set-ups and operations (run in forked children) ----------------------------------------
+def mark_units(path: Path, units: int, with_data: bool) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        if with_data:
+            chunk = b"\x5a" * (256 * PAGE)
+            for off in range(0, units * PAGE, len(chunk)):
+                os.pwrite(fd, chunk[: min(len(chunk), units * PAGE - off)], off)
+            stride = 1
+        else:
+            os.ftruncate(fd, 2 * units * PAGE)
+            stride = 2
+        for i in range(units):
+            os.setxattr(fd, VOLATILE, b"%d,%d" % (stride * i * PAGE, PAGE))
+    finally:
+        os.close(fd)
+
+
+def scatter(path: Path, pages: int) -> None:
+    rng = random.Random(2)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(fd, 1 << 40)
+        page = b"\x33" * PAGE
+        for _ in range(pages):
+            os.pwrite(fd, page, rng.randrange((1 << 40) // PAGE) * PAGE)
+    finally:
+        os.close(fd)
+
+
+def make_entries(directory: Path, count: int) -> None:
+    directory.mkdir()
+    for i in range(count):
+        os.mknod(directory / f"entry-{i:07d}")
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(start, seconds) of fn(), on the system-wide monotonic clock."""
+    start = time.monotonic()
+    fn()
+    return start, time.monotonic() - start
+
+
+def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Callable[[Path], Any]]]:
+    """name -> (memory cap, set-up, operation)."""
+    units = int(200_000 * scale)
+    scattered = int(20_000 * scale)
+    entries = int(20_000 * scale)
+    return {
+        "unmark": (
+            "1G",
+            lambda m: mark_units(m / "units", units, with_data=False),
+            lambda m: os.setxattr(m / "units", NONVOLATILE, b"0,0"),
+        ),
+        "purge": (
+            f"{max(2048, units * PAGE // MiB + 512)}M",
+            lambda m: mark_units(m / "units", units, with_data=True),
+            lambda m: os.setxattr(m, PURGE, b"all"),
+        ),
+        "truncate": (
+            "1G",
+            lambda m: scatter(m / "sparse", scattered),
+            lambda m: os.truncate(m / "sparse", 0),
+        ),
+        "readdir": (
+            "1G",
+            lambda m: make_entries(m / "dir", entries),
+            lambda m: os.listdir(m / "dir"),
+        ),
+        "evict": (
+            "272M",  # 256 MiB of units + the prober's 16 MiB
+            lambda m: mark_units(m / "units", 65536, with_data=True),
+            lambda m: (m / "new").write_bytes(b"n" * (256 * MiB)),
+        ),
+    }
+
+
+# -- one scenario ---------------------------------------------------------------------------
+def run_one(
+    session: Session, name: str, cap: str, setup: Callable[[Path], None], op: Callable[[Path], Any]
+) -> dict[str, Any]:
+    with session.vrangefs(cap) as (mnt, _pid):
+        (mnt / "probe" / "scratch").mkdir(parents=True)
+        (mnt / "probe" / "data").write_bytes(os.urandom(PROBE_FILE_PAGES * PAGE))
+        t = time.monotonic()
+        in_child(setup, mnt, timeout=1800, what=f"{name}: set-up")
+        setup_s = time.monotonic() - t
+        prober = subprocess.Popen(
+            [sys.executable, __file__, "--probe", str(mnt)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.0)  # let the prober settle before the operation starts
+            start, seconds = in_child(timed, lambda: op(mnt), timeout=1800, what=name)
+            time.sleep(0.2)
+        finally:
+            prober.send_signal(signal.SIGTERM)
+            out, _ = prober.communicate(timeout=60)
+        if prober.returncode != 0:
+            raise RuntimeError(f"{name}: prober exited with {prober.returncode}")
+    during: dict[str, list[float]] = {"stats": [], "create": [], "read": []}
+    for line in out.splitlines():
+        kind, t0, took = line.split()
+        if start <= float(t0) <= start + seconds:
+            during[kind].append(float(took))
+    return {"setup_s": setup_s, "op_s": seconds, "probes": during}
+
+
+def summarize(result: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for kind, values in result["probes"].items():
+        if not values:
+            rows.append([kind, "0", "-", "-", "-", "no probe ran during the operation"])
+            continue
+        ordered = sorted(values)
+        p50 = ordered[len(ordered) // 2]
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        worst = ordered[-1]
+        ok = p99 <= TARGET_P99_S and worst <= TARGET_MAX_S
+        rows.append(
+            [
+                kind,
+                str(len(ordered)),
+                f"{p50 * 1e3:.1f}",
+                f"{p99 * 1e3:.1f}",
+                f"{worst * 1e3:.1f}",
+                "ok" if ok else "OVER",
+            ]
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probe", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply the sizes")
+    parser.add_argument("--only", help="comma-separated subset of the operations")
+    parser.add_argument("--json", type=Path, help="write every latency here")
+    add_wait_quiet(parser)
+    opts = parser.parse_args()
+    if opts.probe:
+        probe_loop(Path(opts.probe))
+        return 0
+    chosen = scenarios(opts.scale)
+    if opts.only:
+        chosen = {k: v for k, v in chosen.items() if k in opts.only.split(",")}
+    results: dict[str, Any] = {}
+
+    def body(session: Session) -> None:
+        for name, (cap, setup, op) in chosen.items():
+            print(f"{name}: setting up ...", flush=True)
+            results[name] = run_one(session, name, cap, setup, op)
+            r = results[name]
+            print(f"{name}: set-up {fmt(r['setup_s'])} s, operation {r['op_s']:.3f} s")
+            print_table(
+                ["probe", "n", "p50 ms", "p99 ms", "max ms", "p99<=20, max<=100"], summarize(r)
+            )
+
+    run = run_session("bench_latency", body, opts.wait_quiet)
+    if run is None:
+        return 1
+    if opts.json:
+        write_json(opts.json, {"config": config_of(opts), "results": results, **run})
+    return 1 if run["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
