@@ -117,7 +117,7 @@ def test_layers_point_one_way() -> None:
 
 # The core is synchronous and knows nothing of FUSE: neither the event loop nor
 # the binding, not even by way of another vrangefs module it imports.
-CORE = ["pagestore", "vrange", "inodes", "volume", "reclaim", "control"]
+CORE = ["pagestore", "vrange", "pins", "inodes", "volume", "reclaim", "control"]
 CORE += ["protocol", "errors", "memory", "config"]
 NOT_IN_THE_CORE = {"trio", "pyfuse3"}
 

@@ -116,6 +116,12 @@ def stats(volume: Volume) -> dict[str, int | str]:
     out.update(
         volatile_units=r.volatile_units,
         purgeable_units=r.purgeable_units,
+        pinned_volatile_bytes=r.pinned_volatile_pages * PAGE_SIZE,
+        pins=r.pins,
+        pinned_bytes=r.pinned_pages * PAGE_SIZE,
+        pin_owners=r.pin_owners,
+        pins_released_by_exit=r.pins_released_by_exit,
+        pin_limit_bytes=volume.pin_limit,
         inodes=len(volume.inodes),
         high_watermark_bytes=r.high_pages * PAGE_SIZE,
         low_watermark_bytes=r.low_pages * PAGE_SIZE,

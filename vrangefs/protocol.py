@@ -17,6 +17,7 @@ import errno
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from fractions import Fraction
 
@@ -38,6 +39,16 @@ NONVOLATILE = "user.vrange.nonvolatile"
 PURGED = "user.vrange.purged"
 STATS = "user.vrange.stats"
 PURGE = "user.vrange.purge"
+PIN = "user.vrange.pin"
+UNPIN = "user.vrange.unpin"
+PINS = "user.vrange.pins"
+
+# The same pin and unpin in the system namespace, which the kernel leaves to the
+# filesystem: with default_permissions it demands write permission for any user.*
+# setxattr, so readers pin through these names, and the daemon checks read permission.
+SYSTEM_PREFIX = "system.vrange."
+SYSTEM_PIN = "system.vrange.pin"
+SYSTEM_UNPIN = "system.vrange.unpin"
 
 # pyfuse3 passes attribute names as bytes.
 XATTR_PREFIX_B = XATTR_PREFIX.encode()
@@ -46,6 +57,12 @@ NONVOLATILE_B = NONVOLATILE.encode()
 PURGED_B = PURGED.encode()
 STATS_B = STATS.encode()
 PURGE_B = PURGE.encode()
+PIN_B = PIN.encode()
+UNPIN_B = UNPIN.encode()
+PINS_B = PINS.encode()
+SYSTEM_PREFIX_B = SYSTEM_PREFIX.encode()
+SYSTEM_PIN_B = SYSTEM_PIN.encode()
+SYSTEM_UNPIN_B = SYSTEM_UNPIN.encode()
 
 PURGE_ALL = b"all"
 """The one value ``user.vrange.purge`` accepts (a trailing newline is allowed too)."""
@@ -60,6 +77,7 @@ _UNITS = {b"": 1, b"k": 1024, b"m": 1024**2, b"g": 1024**3, b"t": 1024**4}
 _NUMBER = rb"(0|[1-9][0-9]*)((?i:[kmgt](?:ib)?)?)"
 _RANGE_RE = re.compile(_NUMBER + rb"," + _NUMBER)
 _PLAIN_RANGE_RE = re.compile(rb"(0|[1-9][0-9]*),(0|[1-9][0-9]*)")
+_PIN_LINE_RE = re.compile(rb"(0|[1-9][0-9]*),(0|[1-9][0-9]*) ([1-9][0-9]*) ([1-9][0-9]*)")
 _SIZE_RE = re.compile(_NUMBER)
 _PERCENT_RE = re.compile(rb"(0|[1-9][0-9]*(?:\.[0-9]+)?|0\.[0-9]+)%")
 _STATS_KEY_RE = re.compile(r"[a-z][a-z0-9_]*")
@@ -246,6 +264,51 @@ def nonvolatile_pages(offset: int, length: int, file_size: int) -> tuple[int, in
     if offset >= end:
         return None
     return offset // PAGE_SIZE, -(-end // PAGE_SIZE)
+
+
+def pin_pages(offset: int, length: int, file_size: int) -> tuple[int, int] | None:
+    """The pages [first, end) a pin (or unpin) names: every page touching the byte range.
+
+    Rounded outward. LENGTH 0 reaches ``file_size`` (the end of the file at the time of the
+    call), and None is returned if the range starts at or past it. Other ranges are *not*
+    clipped to the file: a pin may hold pages past the end of the file, which the file may
+    grow into, so that the same value always names the same pages.
+    """
+    if offset < 0 or length < 0 or file_size < 0:
+        raise ValueError(f"negative range or size: {offset}, {length}, {file_size}")
+    end = file_size if length == 0 else offset + length
+    if offset >= end:
+        return None
+    return offset // PAGE_SIZE, -(-end // PAGE_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class PinLine:
+    """One line of ``user.vrange.pins``: pinned bytes (whole pages), owner's pid, count."""
+
+    offset: int
+    length: int
+    pid: int
+    count: int
+
+
+def format_pins(pins: Iterable[PinLine]) -> bytes:
+    """``OFFSET,LENGTH PID COUNT`` lines, sorted by (offset, length, pid)."""
+    rows = sorted(pins, key=lambda p: (p.offset, p.length, p.pid))
+    return b"".join(b"%d,%d %d %d\n" % (p.offset, p.length, p.pid, p.count) for p in rows)
+
+
+def parse_pins(value: bytes) -> list[PinLine]:
+    """Parse what :func:`format_pins` produced. Raises :class:`RangeError` (EINVAL)."""
+    out = []
+    for line in _strip_newline(value).split(b"\n") if value else []:
+        match = _PIN_LINE_RE.fullmatch(line)
+        if match is None:
+            raise RangeError(
+                errno.EINVAL, f"invalid pin line {_show(line)}: expected OFFSET,LENGTH PID COUNT"
+            )
+        out.append(PinLine(*(int(group) for group in match.groups())))
+    return out
 
 
 def format_stats(stats: Mapping[str, int | str]) -> bytes:

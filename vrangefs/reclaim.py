@@ -17,17 +17,28 @@ otherwise (a truncate, a split) is dropped from the order when reclaim reaches
 it; a write into a unit that is out of the order puts it back, with its old
 mark time.
 
+Pins (:mod:`vrangefs.pins`) plug in here.  A unit that contains a pinned page
+is *parked*: flagged ``pinned`` and kept out of the purge order, so purges
+never see it and a million pinned units cost a purge nothing.  Its resident
+pages are counted apart (``pinned_pages``).  When its last pin goes it is put
+back, with its old mark time, so it keeps its place in the order.  Every
+change that makes, merges or splits units looks at the pins of the pages
+concerned: merged units are parked if pinned, pieces of a split unit inherit
+the flag and are put back if no pin holds them any more.
+
 Pure and synchronous, like the rest of the core: no FUSE, no event loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from vrangefs.pagestore import PAGE_SHIFT, FileData, NoSpaceError, PageStore
+from vrangefs.pins import PinTable
 from vrangefs.protocol import PurgeCause
 from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
 
@@ -49,8 +60,8 @@ class PurgeListener(Protocol):
         ...
 
 
-FileOf = Callable[[int], tuple[FileData, VrangeRoot]]
-"""Maps an inode number to its data and volatile ranges (the inode table's view)."""
+FileOf = Callable[[int], tuple[FileData, VrangeRoot | None]]
+"""Maps an inode number to its data and volatile ranges, if any (the inode table's view)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,26 +70,25 @@ class ReclaimStats:
 
     capacity_pages: int
     resident_pages: int
-    volatile_pages: int  # resident pages in units that can still be purged
+    volatile_pages: int  # resident pages in units that are not purged, pinned ones included
+    pinned_volatile_pages: int  # the part of volatile_pages that pins hold back
     volatile_units: int  # every unit of the mount, purged ones and those over holes included
-    purgeable_units: int  # units in the purge order: not purged, holding resident pages
+    purgeable_units: int  # units in the purge order: not purged, not pinned, holding pages
     high_pages: int
     low_pages: int
     purged_pages: dict[PurgeCause, int]
     purge_events: dict[PurgeCause, int]
+    pins: int  # live pins, counted
+    pinned_pages: int  # pages charged for pins (see vrangefs.pins)
+    pin_owners: int  # processes holding pins
+    pins_released_by_exit: int  # pins dropped because their process exited
 
     def minus(self, pages: dict[PurgeCause, int], units: dict[PurgeCause, int]) -> ReclaimStats:
         """The same snapshot without some purges (those readers cannot observe yet)."""
-        return ReclaimStats(
-            self.capacity_pages,
-            self.resident_pages,
-            self.volatile_pages,
-            self.volatile_units,
-            self.purgeable_units,
-            self.high_pages,
-            self.low_pages,
-            {c: n - pages.get(c, 0) for c, n in self.purged_pages.items()},
-            {c: n - units.get(c, 0) for c, n in self.purge_events.items()},
+        return dataclasses.replace(
+            self,
+            purged_pages={c: n - pages.get(c, 0) for c, n in self.purged_pages.items()},
+            purge_events={c: n - units.get(c, 0) for c, n in self.purge_events.items()},
         )
 
 
@@ -92,6 +102,7 @@ class Reclaim:
         *,
         high_watermark: float = 1.0,
         low_watermark: float = 0.95,
+        pin_limit_pages: int | None = None,
     ) -> None:
         if not 0 < low_watermark <= high_watermark <= 1:
             raise ValueError(
@@ -108,10 +119,13 @@ class Reclaim:
         self.low_pages = min(int(store.capacity_pages * low_watermark), self.high_pages)
         self._purged_pages = dict.fromkeys(PurgeCause, 0)
         self._purge_events = dict.fromkeys(PurgeCause, 0)
-        # Resident pages inside units that are not purged, and all units, kept up
-        # to date by every change so that stats and reclaim need not walk them.
+        # Resident pages inside units that are not purged (queued ones, and parked
+        # ones apart), and all units, kept up to date by every change so that stats
+        # and reclaim need not walk them.
         self.volatile_pages = 0
+        self.pinned_pages = 0
         self.units = 0
+        self.pins = PinTable(pin_limit_pages)
 
     def new_root(self, ino: int) -> VrangeRoot:
         return VrangeRoot(ino, self.order)
@@ -119,29 +133,108 @@ class Reclaim:
     # -- volatility changes -------------------------------------------------
     def mark_volatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
         found = root.units_overlapping(start, end)
-        before = _queued_resident(data, found)
-        unit = root.mark_volatile(start, end)
+        self._uncount(data, found)
+        unit = root.mark_volatile(start, end)  # queued, neither purged nor pinned
         self.units += 1 - len(found)
         resident = data.resident_in(unit.start, unit.end)
-        self.volatile_pages += resident - before
+        if self.pins.covers(root.ino, unit.start, unit.end):
+            self.order.discard(unit)
+            unit.pinned = True
+            self.pinned_pages += resident
+            return
+        self.volatile_pages += resident
         if not resident:
             self.order.discard(unit)  # nothing to free: it waits for a write
 
     def mark_nonvolatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
         units = len(root)
-        self.volatile_pages -= _queued_resident(data, root.mark_nonvolatile(start, end))
+        self._uncount(data, root.mark_nonvolatile(start, end))
         self.units += len(root) - units
+        # The pieces left of a split unit inherited its pin flag; pins may not hold them.
+        if start:
+            self._recheck_pin(root, data, root.unit_at(start - 1))
+        self._recheck_pin(root, data, root.unit_at(end))
 
     def truncate(self, root: VrangeRoot, data: FileData, page_count: int) -> None:
         """Pages from *page_count* on are about to be cut from the file."""
         units = len(root)
-        self.volatile_pages -= _queued_resident(data, root.truncate(page_count))
+        self._uncount(data, root.truncate(page_count))
         self.units += len(root) - units
+        if page_count:
+            self._recheck_pin(root, data, root.unit_at(page_count - 1))
 
-    def forget(self, root: VrangeRoot, data: FileData) -> None:
-        """The inode is being freed."""
-        self.units -= len(root)
-        self.volatile_pages -= _queued_resident(data, root.clear())
+    def forget(self, ino: int, root: VrangeRoot | None, data: FileData | None) -> None:
+        """The inode is being freed: its units and pins go."""
+        self.pins.forget_inode(ino)
+        if root is not None:
+            assert data is not None
+            self.units -= len(root)
+            self._uncount(data, root.clear())
+
+    def _uncount(self, data: FileData, units: Iterable[PurgeUnit]) -> None:
+        """Units (or pieces cut from them) stop being volatile: uncount their resident pages."""
+        for unit in units:
+            if not unit.purged:
+                resident = data.resident_in(unit.start, unit.end)
+                if unit.pinned:
+                    self.pinned_pages -= resident
+                else:
+                    self.volatile_pages -= resident
+
+    # -- pins ------------------------------------------------------------------
+    def pin(self, ino: int, start: int, end: int, tgid: int, uid: int) -> None:
+        """One more pin of process *tgid* on pages [start, end) of *ino* (see PinTable.pin).
+
+        Units that contain a page of the range are parked: no purge takes them.
+        """
+        if not self.pins.pin(ino, start, end, tgid, uid):
+            return
+        data, root = self._file_of(ino)
+        if root is None:
+            return
+        for unit in root.units_overlapping(start, end):
+            if not unit.pinned:
+                if unit in self.order:
+                    self.order.discard(unit)
+                    resident = data.resident_in(unit.start, unit.end)
+                    self.volatile_pages -= resident
+                    self.pinned_pages += resident
+                unit.pinned = True  # not queued and not purged: it holds no page yet
+
+    def unpin(self, ino: int, start: int, end: int, tgid: int) -> None:
+        """Drop one pin of *tgid* on exactly pages [start, end) (NotPinnedError if none).
+
+        Units no pin holds any more go back into the purge order, at their old place.
+        """
+        if self.pins.unpin(ino, start, end, tgid):
+            self._released(ino, start, end)
+
+    def release_owner(self, tgid: int) -> int:
+        """Drop every pin of a process that exited; returns how many (counted) went."""
+        before = self.pins.pins
+        for ino, start, end in self.pins.release_owner(tgid):
+            self._released(ino, start, end)
+        return before - self.pins.pins
+
+    def _released(self, ino: int, start: int, end: int) -> None:
+        """A pin on pages [start, end) of *ino* is gone: put back the units it alone held."""
+        data, root = self._file_of(ino)
+        if root is not None:
+            for unit in root.units_overlapping(start, end):
+                self._recheck_pin(root, data, unit)
+
+    def _recheck_pin(self, root: VrangeRoot, data: FileData, unit: PurgeUnit | None) -> None:
+        """Put a parked unit back into the order if no pin holds any of its pages now."""
+        if unit is None or not unit.pinned or self.pins.covers(root.ino, unit.start, unit.end):
+            return
+        unit.pinned = False
+        if unit.purged:
+            return  # a write puts it back
+        resident = data.resident_in(unit.start, unit.end)
+        if resident:
+            self.pinned_pages -= resident
+            self.volatile_pages += resident
+            self.order.add(unit)
 
     def write(self, root: VrangeRoot | None, data: FileData, off: int, buf: bytes) -> int:
         """Write *buf* at *off*, purging volatile units for room; NoSpaceError if none is left.
@@ -170,18 +263,20 @@ class Reclaim:
             return data.write(off, buf, limit)
         first, end = off >> PAGE_SHIFT, ((off + len(buf) - 1) >> PAGE_SHIFT) + 1
         units = root.units_overlapping(first, end)
-        before = sum(
-            data.resident_in(max(u.start, first), min(u.end, end)) for u in units if not u.purged
-        )
+        before = [
+            0 if u.purged else data.resident_in(max(u.start, first), min(u.end, end)) for u in units
+        ]
         written = data.write(off, buf, limit)
         order = self.order
-        after = 0
-        for unit in units:
-            after += data.resident_in(max(unit.start, first), min(unit.end, end))
+        for unit, held in zip(units, before, strict=True):
+            gained = data.resident_in(max(unit.start, first), min(unit.end, end)) - held
+            unit.purged = False  # a page of it holds data again (if it did not already)
+            if unit.pinned:
+                self.pinned_pages += gained
+                continue
             if unit not in order:
-                unit.purged = False  # a page of it holds data again
                 order.add(unit)
-        self.volatile_pages += after - before
+            self.volatile_pages += gained
         return written
 
     # -- purging ----------------------------------------------------------
@@ -228,7 +323,7 @@ class Reclaim:
     def purge_unit(self, unit: PurgeUnit, cause: PurgeCause) -> int:
         """Discard one queued unit's resident pages; returns how many were freed."""
         data, root = self._file_of(unit.ino)
-        assert unit in self.order, f"{unit!r} is not purgeable"
+        assert root is not None and unit in self.order, f"{unit!r} is not purgeable"
         freed = data.purge(unit.start, unit.end)
         if not freed:  # its pages went otherwise (truncate, split): nothing to purge
             self.order.discard(unit)
@@ -257,35 +352,42 @@ class Reclaim:
 
     def _statistics(self) -> ReclaimStats:
         store = self.store
+        pins = self.pins
         return ReclaimStats(
             capacity_pages=store.capacity_pages,
             resident_pages=store.used_pages,
-            volatile_pages=self.volatile_pages,
+            volatile_pages=self.volatile_pages + self.pinned_pages,
+            pinned_volatile_pages=self.pinned_pages,
             volatile_units=self.units,
             purgeable_units=len(self.order),
             high_pages=self.high_pages,
             low_pages=self.low_pages,
             purged_pages=dict(self._purged_pages),
             purge_events=dict(self._purge_events),
+            pins=pins.pins,
+            pinned_pages=pins.pinned_pages,
+            pin_owners=pins.owners(),
+            pins_released_by_exit=pins.released_by_exit,
         )
 
     def check_invariants(self, files: Iterable[tuple[FileData, VrangeRoot]]) -> None:
-        """Assert the order and the counts agree with every file's units and pages."""
+        """Assert the order and the counts agree with every file's units, pages and pins."""
         self.order.check_invariants()
-        queued = units = 0
+        self.pins.check_invariants()
+        queued = parked = units = 0
         for data, root in files:
             root.check_invariants()
             units += len(root)
             for unit in root.units():
                 resident = data.resident_in(unit.start, unit.end)
+                pinned = self.pins.covers(root.ino, unit.start, unit.end)
+                assert unit.pinned == pinned, f"{unit!r}: pinned flag wrong"
                 if unit in self.order:
                     queued += resident
+                elif unit.pinned and not unit.purged:
+                    parked += resident
                 else:
                     assert not resident, f"{unit!r} holds pages but is not queued"
         assert queued == self.volatile_pages, (queued, self.volatile_pages)
+        assert parked == self.pinned_pages, (parked, self.pinned_pages)
         assert units == self.units, (units, self.units)
-
-
-def _queued_resident(data: FileData, units: list[PurgeUnit]) -> int:
-    """Resident pages of *data* inside those of *units* that are not purged."""
-    return sum(data.resident_in(u.start, u.end) for u in units if not u.purged)

@@ -28,7 +28,8 @@ from vrangefs.pagestore import (
     PurgedPageError,
     pages_spanned,
 )
-from vrangefs.protocol import nonvolatile_pages, volatile_pages
+from vrangefs.pins import NotPinnedError, PinInfo, PinLimitError
+from vrangefs.protocol import nonvolatile_pages, pin_pages, volatile_pages
 from vrangefs.reclaim import Reclaim
 from vrangefs.vrange import VrangeRoot
 
@@ -43,10 +44,18 @@ RENAME_EXCHANGE = 2
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who makes a request: what new inodes are owned by."""
+    """Who makes a request: what new inodes are owned by, and who may read what.
+
+    ``groups`` and ``privileged`` are known only where a request needs them (the
+    daemon reads them from /proc for a pin by a ``system.vrange.*`` name, which
+    the kernel does not check): the supplementary groups, and whether the process
+    may read any file (CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH).
+    """
 
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()
+    privileged: bool = False
 
 
 @dataclass(slots=True)
@@ -85,7 +94,9 @@ class Volume:
         max_inodes: int | None = None,
         high_watermark: float = 1.0,
         low_watermark: float = 0.95,
+        pin_limit: int | None = None,
     ) -> None:
+        """*pin_limit*: the bytes one user may keep pinned (default: half the cap)."""
         self.store = store
         self.inodes = InodeTable()
         self.purged_reads_zeros = purged_reads_zeros
@@ -97,8 +108,15 @@ class Volume:
         root.dir = Directory()
         root.nlink = 2
         root.lookups = 1  # the kernel holds the root for the life of the mount
+        if pin_limit is None:
+            pin_limit = store.cap_bytes // 2
+        self.pin_limit = pin_limit // PAGE_SIZE * PAGE_SIZE
         self.reclaim = Reclaim(
-            store, self._file_of, high_watermark=high_watermark, low_watermark=low_watermark
+            store,
+            self._file_of,
+            high_watermark=high_watermark,
+            low_watermark=low_watermark,
+            pin_limit_pages=pin_limit // PAGE_SIZE,
         )
 
     # -- lookups ------------------------------------------------------------
@@ -154,17 +172,11 @@ class Volume:
         """
         if inode.alive or inode.ino == ROOT_INO:
             return
-        self.drop_volatility(inode)
         if inode.data is not None:
+            self.reclaim.forget(inode.ino, inode.vroot, inode.data)  # its units and pins
+            inode.vroot = None
             inode.data.free()
         self.inodes.remove(inode.ino)
-
-    def drop_volatility(self, inode: Inode) -> None:
-        """Forget an inode's volatile ranges (it is being freed)."""
-        if inode.vroot is not None:
-            assert inode.data is not None
-            self.reclaim.forget(inode.vroot, inode.data)
-            inode.vroot = None
 
     # -- creating -----------------------------------------------------------
     def _new_child(
@@ -410,10 +422,10 @@ class Volume:
             raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL, "not a regular file")
         return inode, inode.data
 
-    def _file_of(self, ino: int) -> tuple[FileData, VrangeRoot]:
-        """Reclaim's view of a file with volatile ranges."""
+    def _file_of(self, ino: int) -> tuple[FileData, VrangeRoot | None]:
+        """Reclaim's view of a file: its data and its volatile ranges, if any."""
         inode = self.inode(ino)
-        assert inode.data is not None and inode.vroot is not None, inode
+        assert inode.data is not None, inode
         return inode.data, inode.vroot
 
     def _vroot(self, inode: Inode) -> VrangeRoot:
@@ -452,6 +464,58 @@ class Volume:
         for lo, count in data.purged_runs(first, end):
             if (r := _byte_range(data, lo, lo + count)) is not None:
                 yield r
+
+    # -- pins ---------------------------------------------------------------------------
+    def pin(self, ino: int, offset: int, length: int, tgid: int, uid: int) -> None:
+        """Process *tgid* takes one more pin on every page touching the byte range.
+
+        LENGTH 0 reaches the end of the file now (see protocol.pin_pages); a
+        range of no page pins nothing.  EDQUOT if it would take *uid* past the
+        per-user limit.
+        """
+        _, data = self._regular(ino)
+        pages = pin_pages(offset, length, data.size)
+        if pages is None:
+            return
+        try:
+            self.reclaim.pin(ino, *pages, tgid, uid)
+        except PinLimitError as e:
+            raise FsError(errno.EDQUOT, f"inode {ino}: {e}") from None
+
+    def unpin(self, ino: int, offset: int, length: int, tgid: int) -> None:
+        """Drop one pin of process *tgid* on the pages the byte range names, as pin() does.
+
+        ENOENT, changing nothing, if the process holds no pin on exactly those pages.
+        """
+        _, data = self._regular(ino)
+        pages = pin_pages(offset, length, data.size)
+        if pages is None:
+            return
+        try:
+            self.reclaim.unpin(ino, *pages, tgid)
+        except NotPinnedError as e:
+            raise FsError(errno.ENOENT, str(e)) from None
+
+    def pins(self, ino: int) -> list[PinInfo]:
+        """The file's live pins, sorted by (start, end, tgid)."""
+        self._regular(ino)
+        pins = self.reclaim.pins.of(ino)
+        return pins.listing() if pins is not None else []
+
+    def release_owner(self, tgid: int) -> int:
+        """Process *tgid* exited: drop all its pins; returns how many (counted) went."""
+        return self.reclaim.release_owner(tgid)
+
+    @staticmethod
+    def may_read(inode: Inode, caller: Caller) -> bool:
+        """Whether the caller may read the inode, by its mode bits (vrangefs has no ACLs)."""
+        if caller.privileged:
+            return True
+        if caller.uid == inode.uid:
+            return bool(inode.mode & stat.S_IRUSR)
+        if caller.gid == inode.gid or inode.gid in caller.groups:
+            return bool(inode.mode & stat.S_IRGRP)
+        return bool(inode.mode & stat.S_IROTH)
 
     def volatile_ranges(self, ino: int) -> Iterator[tuple[int, int]]:
         """The file's purge units as byte ranges, clipped to its size, ascending, lazily."""
@@ -544,6 +608,9 @@ class Volume:
             for inode in self.inodes
             if inode.data is not None and inode.vroot is not None
         )
+        for ino, _ in self.reclaim.pins:
+            pinned = self.inodes.get(ino)
+            assert pinned is not None and pinned.data is not None, f"pins of inode {ino}"
 
 
 def _byte_range(data: FileData, first: int, end: int) -> tuple[int, int] | None:

@@ -38,16 +38,28 @@ class PurgeUnit:
     it). ``purged`` is True once the unit's pages were discarded and until a page of it is
     written again (then the unit is requeued) or it is marked volatile again (merged).
     Whether each page reads as purged is the page store's business, not this flag's.
+    ``pinned`` is reclaim's: True while a pin holds a page of the unit, which keeps it out of
+    the purge order (parked, with its seq, until the last pin goes). Pieces of a split unit
+    inherit both flags; reclaim then looks again at whether the pieces are still pinned.
     """
 
-    __slots__ = ("_entry", "end", "ino", "purged", "seq", "start")
+    __slots__ = ("_entry", "end", "ino", "pinned", "purged", "seq", "start")
 
-    def __init__(self, ino: int, start: int, end: int, seq: int, purged: bool = False) -> None:
+    def __init__(
+        self,
+        ino: int,
+        start: int,
+        end: int,
+        seq: int,
+        purged: bool = False,
+        pinned: bool = False,
+    ) -> None:
         self.ino = ino
         self.start = start
         self.end = end
         self.seq = seq
         self.purged = purged
+        self.pinned = pinned
         self._entry: tuple[int, int, int, PurgeUnit] | None = None  # live PurgeOrder entry
 
     def __len__(self) -> int:
@@ -55,7 +67,7 @@ class PurgeUnit:
         return self.end - self.start
 
     def __repr__(self) -> str:
-        state = " purged" if self.purged else ""
+        state = (" purged" if self.purged else "") + (" pinned" if self.pinned else "")
         return f"<PurgeUnit ino={self.ino} pages=[{self.start},{self.end}) seq={self.seq}{state}>"
 
 
@@ -92,8 +104,8 @@ class PurgeOrder:
         """Add a unit that is not purged and not in the order, at (unit.seq, unit.start)."""
         if unit._entry is not None:
             raise ValueError(f"{unit!r} is already in the purge order")
-        if unit.purged:
-            raise ValueError(f"{unit!r} is purged: clear the flag first")
+        if unit.purged or unit.pinned:
+            raise ValueError(f"{unit!r} is purged or pinned: it cannot be purged")
         entry = (unit.seq, unit.start, next(self._tick), unit)
         unit._entry = entry
         heapq.heappush(self._heap, entry)
@@ -126,6 +138,7 @@ class PurgeOrder:
         _check(len(live) == self._live, f"{len(live)} live entries, counted {self._live}")
         for seq, start, _, unit in live:
             _check(not unit.purged, f"purged {unit!r} is in the purge order")
+            _check(not unit.pinned, f"pinned {unit!r} is in the purge order")
             _check((seq, start) == (unit.seq, unit.start), f"stale key for {unit!r}")
         for i in range(1, len(self._heap)):
             _check(self._heap[(i - 1) // 2] <= self._heap[i], "heap order broken")
@@ -197,10 +210,10 @@ class VrangeRoot:
         """Make pages [start, end) volatile and return their unit, now the newest.
 
         Every unit overlapping the range is merged with it into one unit spanning the union;
-        merely adjacent units stay separate. The merged unit is not purged (it is in the
-        purge order), whatever the merged units were. The merged units leave the tree and the
-        order, except that when the range lies inside one existing unit that unit object is
-        kept and just gets the new seq.
+        merely adjacent units stay separate. The merged unit is not purged and not pinned (it
+        is in the purge order), whatever the merged units were. The merged units leave the
+        tree and the order, except that when the range lies inside one existing unit that unit
+        object is kept and just gets the new seq.
         """
         found = self.units_overlapping(start, end)
         seq = self.order.next_seq()
@@ -208,7 +221,7 @@ class VrangeRoot:
             unit = found[0]
             self.order.discard(unit)
             unit.seq = seq
-            unit.purged = False
+            unit.purged = unit.pinned = False  # reclaim parks it again if pins hold it
             self.order.add(unit)
             return unit
         if found:
@@ -230,9 +243,9 @@ class VrangeRoot:
         purge order (the left piece, or the only piece, is the original unit object).
 
         The result describes exactly the pages that stopped being volatile: a unit removed
-        whole is returned itself; for a unit trimmed or split, a new unit (same ino, seq and
-        purged flag) covering the pages cut from it. Returned units are in no tree and no
-        order.
+        whole is returned itself; for a unit trimmed or split, a new unit (same ino, seq,
+        purged and pinned flags) covering the pages cut from it. Returned units are in no
+        tree and no order.
         """
         _check_pages(start, end)
         return self._cut(start, end)
@@ -298,13 +311,15 @@ class VrangeRoot:
                 cut_out.append(unit)
                 continue
             cut_start, cut_end = max(unit.start, start), min(unit.end, end)
-            cut_out.append(PurgeUnit(unit.ino, cut_start, cut_end, unit.seq, unit.purged))
+            cut_out.append(
+                PurgeUnit(unit.ino, cut_start, cut_end, unit.seq, unit.purged, unit.pinned)
+            )
             if keep_left:
                 right_end = unit.end
                 unit.end = start
                 self._insert(unit)
                 if keep_right:
-                    piece = PurgeUnit(unit.ino, end, right_end, unit.seq, unit.purged)
+                    piece = PurgeUnit(unit.ino, end, right_end, unit.seq, unit.purged, unit.pinned)
                     self._insert(piece)
                     if unit in self.order:  # the piece keeps the unit's place
                         self.order.add(piece)

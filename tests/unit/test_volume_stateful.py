@@ -1,11 +1,12 @@
-"""Random mark / unmark / write / truncate / purge / unlink sequences on the volume,
-checked after every step against a plain per-page reference model.
+"""Random mark / unmark / write / truncate / purge / unlink / pin / unpin / process-exit
+sequences on the volume, checked after every step against a plain per-page reference model.
 
 The model knows nothing of interval trees, heaps or page slots: each file is a
 list of pages (bytes, a hole or purged) and a list of units (a set of pages,
-the mark sequence number, a purged flag).  After every step the volume's
-volatile ranges, purged ranges, resident pages and file contents must be what
-the model says, and the volume's own invariant check must pass.
+the mark sequence number, a purged flag); pins are a count per (file, pages,
+process), charged to the process's user.  After every step the volume's
+volatile ranges, purged ranges, resident pages, pins and file contents must be
+what the model says, and the volume's own invariant check must pass.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from vrangefs.errors import FsError
 from vrangefs.pagestore import PAGE_SIZE, PageStore
-from vrangefs.protocol import PurgeCause, nonvolatile_pages, volatile_pages
+from vrangefs.protocol import PurgeCause, nonvolatile_pages, pin_pages, volatile_pages
 from vrangefs.volume import AttrChange, Caller, Volume
 
 MAX_PAGES = 8
 NAMES = (b"a", b"b")
+CAP_PAGES = 64
+PIN_LIMIT_PAGES = 12
+PROCESSES = (101, 102, 103)  # tgids; 101 and 102 belong to the same user
+UID_OF = {101: 1000, 102: 1000, 103: 1001}
 ROOT = 1
 CALLER = Caller(0, 0)
 HOLE = None
@@ -48,6 +53,11 @@ class ModelFile:
     size: int = 0
     pages: dict[int, bytes | Purged] = field(default_factory=dict)  # missing = hole
     units: list[ModelUnit] = field(default_factory=list)
+    pins: dict[tuple[int, int, int], list[int]] = field(default_factory=dict)
+    """(start, end, tgid) -> [count, uid charged]"""
+
+    def pinned_pages(self) -> set[int]:
+        return {p for start, end, _ in self.pins for p in range(start, end)}
 
 
 # Mostly page-aligned values (where units begin and end), some arbitrary ones (rounding).
@@ -64,7 +74,12 @@ lengths = st.one_of(
 class VolumeMachine(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
-        self.volume = Volume(PageStore(64 * PAGE_SIZE), max_inodes=100)
+        self.volume = Volume(
+            PageStore(CAP_PAGES * PAGE_SIZE),
+            max_inodes=100,
+            pin_limit=PIN_LIMIT_PAGES * PAGE_SIZE,
+        )
+        self.released_by_exit = 0
         self.inos: dict[bytes, int] = {}
         self.model: dict[bytes, ModelFile] = {}
         self.seq = 0
@@ -102,6 +117,17 @@ class VolumeMachine(RuleBasedStateMachine):
                 if p in unit.pages:
                     unit.purged = False  # written again: purgeable again
         m.size = max(m.size, off + length)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        off=st.integers(0, MAX_PAGES - 1).map(lambda p: p * PAGE_SIZE),
+        pages=st.integers(1, 4),
+        byte=st.integers(1, 255),
+    )
+    def write_volatile(self, name: bytes, off: int, pages: int, byte: int) -> None:
+        """Write whole pages and mark them volatile: units with data, for pins to hold."""
+        self.write(name, off, pages * PAGE_SIZE, byte)
+        self.mark_volatile(name, off, pages * PAGE_SIZE)
 
     @rule(name=st.sampled_from(NAMES), size=st.integers(0, MAX_PAGES * PAGE_SIZE))
     def truncate(self, name: bytes, size: int) -> None:
@@ -180,13 +206,13 @@ class VolumeMachine(RuleBasedStateMachine):
             (u, name)
             for name, m in self.model.items()
             for u in m.units
-            if not u.purged and self._resident(name, u)
+            if not u.purged and self._resident(name, u) and not self._pinned(name, u)
         ]
         if unit is None:
             assert holding == []
             return
         model_unit, name = self._model_unit(unit.ino, unit.start, unit.end)
-        assert not model_unit.purged
+        assert not model_unit.purged and not self._pinned(name, model_unit)
         # No unit marked earlier that holds pages is behind it in the order.
         key = (model_unit.seq, min(model_unit.pages))
         assert all((u.seq, min(u.pages)) >= key for u, _ in holding), "order skipped a unit"
@@ -200,6 +226,86 @@ class VolumeMachine(RuleBasedStateMachine):
         for p in model_unit.pages:
             if isinstance(m.pages.get(p), bytes):
                 m.pages[p] = PURGED
+
+    def _pinned(self, name: bytes, unit: ModelUnit) -> bool:
+        return bool(unit.pages & self.model[name].pinned_pages())
+
+    def _charged(self, uid: int) -> int:
+        return sum(
+            end - start
+            for m in self.model.values()
+            for (start, end, _), (_, charged) in m.pins.items()
+            if charged == uid
+        )
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        off=offsets,
+        length=lengths,
+        tgid=st.sampled_from(PROCESSES),
+    )
+    def pin(self, name: bytes, off: int, length: int, tgid: int) -> None:
+        m = self.model[name]
+        uid = UID_OF[tgid]
+        pages = pin_pages(off, length, m.size)
+        key = None if pages is None else (*pages, tgid)
+        over = (
+            key is not None
+            and key not in m.pins
+            and self._charged(uid) + key[1] - key[0] > PIN_LIMIT_PAGES
+        )
+        try:
+            self.volume.pin(self.inos[name], off, length, tgid, uid)
+        except FsError as e:
+            assert e.errno == errno.EDQUOT and over, e
+            return
+        assert not over
+        if key is not None:
+            m.pins.setdefault(key, [0, uid])[0] += 1
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        off=offsets,
+        length=lengths,
+        tgid=st.sampled_from(PROCESSES),
+    )
+    def unpin(self, name: bytes, off: int, length: int, tgid: int) -> None:
+        m = self.model[name]
+        pages = pin_pages(off, length, m.size)
+        key = None if pages is None else (*pages, tgid)
+        try:
+            self.volume.unpin(self.inos[name], off, length, tgid)
+        except FsError as e:
+            assert e.errno == errno.ENOENT and key is not None and key not in m.pins, e
+            return
+        if key is not None:
+            pin = m.pins[key]
+            pin[0] -= 1
+            if not pin[0]:
+                del m.pins[key]
+
+    @rule(name=st.sampled_from(NAMES), tgid=st.sampled_from(PROCESSES))
+    def unpin_as_listed(self, name: bytes, tgid: int) -> None:
+        """Unpin one of the process's pins by the range user.vrange.pins shows."""
+        m = self.model[name]
+        mine = sorted(key for key in m.pins if key[2] == tgid)
+        if not mine:
+            return
+        start, end, _ = mine[0]
+        self.volume.unpin(self.inos[name], start * PAGE_SIZE, (end - start) * PAGE_SIZE, tgid)
+        m.pins[mine[0]][0] -= 1
+        if not m.pins[mine[0]][0]:
+            del m.pins[mine[0]]
+
+    @rule(tgid=st.sampled_from(PROCESSES))
+    def process_exits(self, tgid: int) -> None:
+        released = self.volume.release_owner(tgid)
+        expected = 0
+        for m in self.model.values():
+            for key in [key for key in m.pins if key[2] == tgid]:
+                expected += m.pins.pop(key)[0]
+        assert released == expected
+        self.released_by_exit += expected
 
     @rule(name=st.sampled_from(NAMES))
     def unlink_and_recreate(self, name: bytes) -> None:
@@ -240,19 +346,38 @@ class VolumeMachine(RuleBasedStateMachine):
                 assert want is not PURGED, (name, p)
                 assert got == (want[:n] if isinstance(want, bytes) else bytes(n)), (name, p)
         assert volume.store.used_pages == resident
+        # Pins: the listing, the counts, and what pins hold back.
+        held_back = 0
+        for name, m in self.model.items():
+            listed = volume.pins(self.inos[name])
+            assert [(p.start, p.end, p.tgid, p.count) for p in listed] == sorted(
+                (*key, count) for key, (count, _) in m.pins.items()
+            )
+            held_back += sum(
+                1
+                for u in m.units
+                if not u.purged and self._pinned(name, u)
+                for p in u.pages
+                if isinstance(m.pages.get(p), bytes)
+            )
+        stats = volume.reclaim.statistics()
+        assert stats.pins == sum(c for m in self.model.values() for c, _ in m.pins.values())
+        assert stats.pinned_volatile_pages == held_back
+        assert stats.pins_released_by_exit == self.released_by_exit
         # The purge order: every unit that is not purged and holds pages, and only units
         # that are not purged, oldest mark first (split pieces keep their mark, in page
         # order); units that hold nothing leave it when reclaim reaches them.
         order = [(u.ino, u.start, u.end) for u in volume.reclaim.order]
         for ino, start, end in order:
-            assert not self._model_unit(ino, start, end)[0].purged
+            unit, name = self._model_unit(ino, start, end)
+            assert not unit.purged and not self._pinned(name, unit)
         keys = [(self._model_unit(*entry)[0].seq, entry[1]) for entry in order]
         assert keys == sorted(keys)
         holding = {
             (self.inos[name], min(u.pages), max(u.pages) + 1)
             for name, m in self.model.items()
             for u in m.units
-            if not u.purged and self._resident(name, u)
+            if not u.purged and self._resident(name, u) and not self._pinned(name, u)
         }
         assert holding <= set(order)
 
