@@ -1240,23 +1240,28 @@ class Worker:
                 a = self.rng.randint(0, size // BLOCK) * BLOCK
                 b = a + self.rng.choice((BLOCK, PAGE, 8 * PAGE, CHUNK))
             self.note(f"foreign_read {name} [{a},{b}) size {size}")
-            pos = a
-            while pos < b:
-                try:
-                    buf = os.pread(fd, min(b - pos, READ_MAX), pos)
-                except OSError as e:
-                    if e.errno != errno.EIO:
-                        raise
-                    self.expected("foreign_read", e.errno)
-                    pos = (pos // PAGE + 1) * PAGE  # go on after the page
-                    continue
-                if not buf:
-                    break
-                self.check_foreign(fd, fid, name, pos, buf, "foreign_read")
-                pos += len(buf)
+            self.read_checked(fd, fid, name, a, b, "foreign_read")
         finally:
             os.close(fd)
         return True
+
+    def read_checked(self, fd: int, fid: int, name: str, pos: int, end: int, op: str) -> None:
+        """Read [pos, end) in pieces, each checked against the model; a piece that gives EIO
+        (expected only where pages are purged) is skipped to the next page. Stops early at
+        end of file (truncated meanwhile) or when the run is told to stop."""
+        while pos < end and not self.stop.value:
+            try:
+                buf = os.pread(fd, min(end - pos, READ_MAX), pos)
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                self.expected(op, e.errno)
+                pos = (pos // PAGE + 1) * PAGE  # go on after the page
+                continue
+            if not buf:
+                break
+            self.check_foreign(fd, fid, name, pos, buf, op)
+            pos += len(buf)
 
     def check_foreign(self, fd: int, fid: int, name: str, pos: int, buf: bytes, op: str) -> None:
         """Every block must be zeros or this file's block at this place; re-read failures."""
@@ -1548,20 +1553,7 @@ class Hostile(Worker):
             for _ in range(self.rng.randint(2, 4)):
                 size = os.fstat(fd).st_size
                 self.note(f"reread {name} size {size}")
-                pos = 0
-                while pos < size and not self.stop.value:
-                    try:
-                        buf = os.pread(fd, min(size - pos, READ_MAX), pos)
-                    except OSError as e:
-                        if e.errno != errno.EIO:
-                            raise
-                        self.expected("reread", e.errno)
-                        pos = (pos // PAGE + 1) * PAGE  # go on after the page
-                        continue
-                    if not buf:
-                        break  # truncated meanwhile
-                    self.check_foreign(fd, fid, name, pos, buf, "reread")
-                    pos += len(buf)
+                self.read_checked(fd, fid, name, 0, size, "reread")
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 self.report.notes["reread passes (then fadvise DONTNEED)"] += 1
                 if self.stop.value:
@@ -1828,6 +1820,19 @@ def join_all(procs: Sequence[multiprocessing.process.BaseProcess], seconds: floa
     return [p.pid or 0 for p in procs if p.is_alive()]
 
 
+def receive_report(
+    pipe: multiprocessing.connection.Connection, proc: multiprocessing.process.BaseProcess, who: str
+) -> Report:
+    """A child's report from its pipe, or one unexpected error if it died without one."""
+    try:
+        report: Report = pipe.recv()
+    except EOFError:
+        report = Report()
+        report.unexpected_count = 1
+        report.unexpected.append(f"{who} died: exit code {proc.exitcode}")
+    return report
+
+
 def finish_hostile(
     procs: Sequence[multiprocessing.process.BaseProcess],
     pipes: Sequence[multiprocessing.connection.Connection],
@@ -1842,13 +1847,7 @@ def finish_hostile(
         ready = multiprocessing.connection.wait([pipes[i] for i in waiting.values()], timeout=0.5)
         for conn in ready:
             i = waiting[id(conn)]
-            try:
-                reports[i] = pipes[i].recv()
-            except EOFError:
-                r = Report()
-                r.unexpected_count = 1
-                r.unexpected.append(f"{names[i]} died: exit code {procs[i].exitcode}")
-                reports[i] = r
+            reports[i] = receive_report(pipes[i], procs[i], names[i])
     late = [i for i in range(len(procs)) if i not in reports]
     for i in late:
         procs[i].kill()
@@ -2007,13 +2006,7 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
             )
             for conn in ready:
                 i = waiting[id(conn)]
-                try:
-                    reports[i] = pipes[i].recv()
-                except EOFError:
-                    r = Report()
-                    r.unexpected_count = 1
-                    r.unexpected.append(f"worker {i} died: exit code {procs[i].exitcode}")
-                    reports[i] = r
+                reports[i] = receive_report(pipes[i], procs[i], f"worker {i}")
             now = time.monotonic()
             if now - start >= cfg.seconds:
                 hostile_stop.value = 1  # the workers settle their files in peace
