@@ -5,11 +5,12 @@ set -eu
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# redis-server: the cache store's fleet tier (tests and demo start their own on loopback).
 apt-get install -y -qq fuse3 libfuse3-dev pkg-config attr gcc python3-dev python3-venv \
-    git sqlite3 util-linux man-db >/dev/null
+    git sqlite3 util-linux man-db redis-server >/dev/null
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test,bench]'
+.venv/bin/pip install -q -e '.[test,bench,fleet]'
 # mount(8) runs /sbin/mount.<type>; the systemd units run /usr/local/bin/vrangefs.
 ln -sf "$(pwd)/.venv/bin/mount.vrangefs" /sbin/mount.vrangefs
 ln -sf "$(pwd)/.venv/bin/vrangefs" /usr/local/bin/vrangefs

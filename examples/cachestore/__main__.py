@@ -7,6 +7,9 @@
     python -m examples.cachestore ROOT stats [--json]
     python -m examples.cachestore ROOT sweep               remove what dead writers left
 
+``--remote redis://HOST:PORT/DB`` (before the command) adds the fleet tier: put pushes to Redis
+too, get/contains fall back to it, delete removes it there too, stats shows the server.
+
 Exit status: 0 success; 1 a miss (get), absent (contains, delete); 2 bad usage or a malformed
 key; 3 an I/O error (e.g. ENOSPC: the filesystem is full and nothing is purgeable).
 """
@@ -33,6 +36,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plain", action="store_true", help="plain files even on vrangefs (never purged)"
     )
+    p.add_argument("--remote", metavar="URL", help="Redis behind the cache: redis://HOST:PORT/DB")
+    p.add_argument(
+        "--remote-ttl", type=float, metavar="SECONDS", help="expire remote copies after this"
+    )
+    p.add_argument(
+        "--remote-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="bound on every remote call (default 1)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     put = sub.add_parser("put", help="store a file ('-': standard input); prints its key")
     put.add_argument("file")
@@ -48,7 +62,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    store = CacheStore(args.root, volatile=False if args.plain else None)
+    with CacheStore(
+        args.root,
+        volatile=False if args.plain else None,
+        remote=args.remote,
+        remote_ttl=args.remote_ttl,
+        remote_timeout=args.remote_timeout,
+    ) as store:
+        return command(store, args)
+
+
+def command(store: CacheStore, args: argparse.Namespace) -> int:
     if args.command == "put":
         key = store.put_file(sys.stdin.buffer if args.file == "-" else args.file)
         print(key)
@@ -70,10 +94,13 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         print(store.sweep())
         return EXIT_OK
+    stats = store.stats()
     sections: dict[str, dict[str, object]] = {
         "usage": asdict(store.usage()),
-        "mount": dict(store.stats().mount),
+        "mount": dict(stats.mount),
     }
+    if stats.remote:
+        sections["remote"] = dict(stats.remote)
     if args.json:
         print(json.dumps({"root": str(store.root), "volatile": store.volatile, **sections}))
     else:

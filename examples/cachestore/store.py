@@ -27,6 +27,15 @@ Several processes may use one cache at once.  What makes that safe:
   (ENOENT at any point) and content whose hash is not its name are all misses.  A damaged
   object is removed without ever removing a fresh one that another process published under
   the same name meanwhile (see :meth:`CacheStore._discard`).
+
+**The fleet tier.**  With ``remote="redis://HOST:PORT/DB"`` the local directory becomes the
+self-shrinking first tier in front of a Redis server that several hosts share (remote.py has
+the wire format, the timeouts and the back-off).  ``put`` writes the local copy and the
+remote one; a lookup tries the local copy, then Redis, and on a remote hit refills the local
+copy, so a purged or evicted local copy is only a local miss.  Keys being content addresses,
+hosts never disagree about a key's bytes, and what comes from Redis is verified before it is
+kept or returned.  Redis being down or slow never raises to the caller: a failed remote call
+is a miss (or a put kept only locally), counted and logged.
 """
 
 from __future__ import annotations
@@ -43,9 +52,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from vrangefs import client, mountinfo
+
+if TYPE_CHECKING:
+    import redis
+
+    from examples.cachestore.remote import Fetched, RemoteTier
 
 CHUNK = 1 << 20
 """How much put_file and get_to move at a time."""
@@ -64,24 +78,58 @@ class BadKeyError(ValueError):
 
 @dataclass
 class Counters:
-    """What one :class:`CacheStore` instance did (per process, not shared)."""
+    """What one :class:`CacheStore` instance did (per process, not shared).
+
+    Every lookup (get, get_to, open) counts once in ``hits`` or ``misses``: a hit is
+    ``local_hits + remote_hits``, a miss is what no tier had.  Without a remote tier
+    ``local_misses == misses``.
+    """
 
     hits: int = 0
+    """Lookups answered, by the local copy or by the remote tier."""
     misses: int = 0
-    """All misses: absent, purged and corrupt ones."""
+    """Lookups nobody could answer (the caller got None or False)."""
+    local_hits: int = 0
+    local_misses: int = 0
+    """Lookups the local copy could not answer: absent, purged or corrupt there."""
     purged_misses: int = 0
-    """The object was there but the filesystem had purged (part of) it."""
+    """The local object was there but the filesystem had purged (part of) it."""
     corrupt_misses: int = 0
-    """The object's content did not hash to its name."""
+    """The local object's content did not hash to its name."""
     puts: int = 0
     put_bytes: int = 0
     deduplicated_puts: int = 0
     """The object was already there, intact: it was only made most recently used."""
     lost_puts: int = 0
-    """Purged while being written, so not published."""
+    """A local write (put or refill) purged while being written, so not published."""
     failed_puts: int = 0
     """The put raised (ENOSPC on a full tmpfs, for instance)."""
     deletes: int = 0
+    # -- the remote tier (all zero without one) --
+    remote_hits: int = 0
+    """Local misses answered by the remote tier (verified)."""
+    remote_misses: int = 0
+    """The remote tier was asked and did not have it (or it vanished while read)."""
+    remote_corrupt: int = 0
+    """Remote bytes that did not hash to their key: a miss; they are deleted there."""
+    remote_errors: int = 0
+    """Remote calls that failed (refused, timed out, an error answer): each one a miss."""
+    remote_skipped: int = 0
+    """Remote calls not made because the tier was backing off after a failure."""
+    remote_calls: int = 0
+    """Round trips to the remote tier that succeeded (a pipeline is one)."""
+    remote_bytes_fetched: int = 0
+    remote_bytes_pushed: int = 0
+    remote_puts: int = 0
+    """Objects written to the remote tier."""
+    remote_deduplicated_puts: int = 0
+    """Puts the remote tier already had (not sent again; the TTL renewed)."""
+    unpushed_puts: int = 0
+    """put_file objects not pushed because the local copy they are read from was lost."""
+    refills: int = 0
+    """Remote hits copied into the local tier."""
+    failed_refills: int = 0
+    """Remote hits the local tier could not keep (purged while written, ENOSPC)."""
 
 
 @dataclass
@@ -95,11 +143,25 @@ class CacheStats(Counters):
 
     volatile: bool = False
     mount: dict[str, int | str] = field(default_factory=dict)
+    remote: dict[str, int | str] = field(default_factory=dict)
+    """The remote tier: ``url`` (no password), ``state`` (up, backing off, probing) and some
+    of the server's INFO figures; empty without a remote tier."""
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
 
     @property
     def hit_rate(self) -> float:
-        lookups = self.hits + self.misses
-        return self.hits / lookups if lookups else 0.0
+        return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def local_hit_rate(self) -> float:
+        return self.local_hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def remote_hit_rate(self) -> float:
+        return self.remote_hits / self.lookups if self.lookups else 0.0
 
 
 @dataclass
@@ -150,9 +212,23 @@ class CacheStore:
     directory and calls nothing of vrangefs.  *fsync*
     flushes each object before publishing it (pointless on an in-memory filesystem; there for
     disks).  One instance is not thread-safe; processes may share the directory freely.
+
+    *remote*: a Redis URL (``redis://HOST:PORT/DB``), a redis-py client, or a ready
+    :class:`~examples.cachestore.remote.RemoteTier`: the shared tier behind the local one.
+    *remote_ttl* (seconds, None for none) and *remote_timeout* (seconds, bounding every
+    remote call) apply when *remote* is a URL or a client.  Needs the ``redis`` package.
     """
 
-    def __init__(self, root: StrPath, *, volatile: bool | None = None, fsync: bool = False):
+    def __init__(
+        self,
+        root: StrPath,
+        *,
+        volatile: bool | None = None,
+        fsync: bool = False,
+        remote: str | redis.Redis | RemoteTier | None = None,
+        remote_ttl: float | None = None,
+        remote_timeout: float = 1.0,
+    ):
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.scratch = self.root / "tmp"
@@ -165,9 +241,32 @@ class CacheStore:
             client.stats(self.mount)  # raises NotVrangefsError elsewhere
         self.volatile: bool = volatile
         self.counters = Counters()
+        self.remote: RemoteTier | None = None
+        if remote is not None:
+            from examples.cachestore.remote import RemoteTier  # noqa: PLC0415 (optional: redis)
+
+            if isinstance(remote, RemoteTier):
+                self.remote = remote
+                remote.counters = self.counters
+            else:
+                self.remote = RemoteTier(
+                    remote, self.counters, ttl=remote_ttl, timeout=remote_timeout
+                )
 
     def __repr__(self) -> str:
-        return f"CacheStore({str(self.root)!r}, volatile={self.volatile})"
+        remote = "" if self.remote is None else f", remote={self.remote.url!r}"
+        return f"CacheStore({str(self.root)!r}, volatile={self.volatile}{remote})"
+
+    def close(self) -> None:
+        """Close the connection to the remote tier, if any (the local cache needs nothing)."""
+        if self.remote is not None:
+            self.remote.close()
+
+    def __enter__(self) -> CacheStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- names ------------------------------------------------------------------------
     def path_of(self, key: str) -> Path:
@@ -184,17 +283,29 @@ class CacheStore:
         returned even when the object could not be kept (purged while being written): a cache
         entry may vanish at any time, and :meth:`get` tells.  Raises OSError (ENOSPC on a full
         non-volatile filesystem, or on vrangefs when nothing volatile is left to purge).
+
+        With a remote tier the object is also pushed there (in chunks, without copying
+        *data*) unless it is there already; a remote failure is counted, never raised, and
+        the remote copy is pushed even when the local write raised.
         """
         key = key_of(data)
         path = self.path_of(key)
+        failure: OSError | None = None
         try:
             if self._refresh(path, len(data)):
                 self.counters.deduplicated_puts += 1
             else:
                 self._publish(path.parent, [data], len(data), path)
-        except OSError:
+        except OSError as e:
             self.counters.failed_puts += 1
-            raise
+            failure = e
+        if self.remote is not None:
+            from examples.cachestore.remote import RemoteError, chunks_of  # noqa: PLC0415
+
+            with suppress(RemoteError):
+                self.remote.push(key, len(data), chunks_of(data, self.remote.chunk))
+        if failure is not None:
+            raise failure
         self.counters.puts += 1
         self.counters.put_bytes += len(data)
         return key
@@ -204,7 +315,8 @@ class CacheStore:
 
         Streams in :data:`CHUNK` pieces, so objects larger than memory are fine; the key is
         known only at the end, so the temporary file lives in ``ROOT/tmp`` (same filesystem:
-        the rename is still atomic).
+        the rename is still atomic).  With a remote tier, the object is then pushed from the
+        local copy (pinned meanwhile), chunk by chunk.
         """
         if isinstance(source, str | os.PathLike):
             with open(source, "rb") as f:
@@ -216,13 +328,33 @@ class CacheStore:
                 size = st.st_size - source.tell()
         chunks = iter(lambda: source.read(CHUNK), b"")
         try:
-            key, n = self._publish(self.scratch, chunks, size, None)
+            key, n, _ = self._publish(self.scratch, chunks, size, None)
         except OSError:
             self.counters.failed_puts += 1
             raise
+        if self.remote is not None:
+            self._push_local(key, n)
         self.counters.puts += 1
         self.counters.put_bytes += n
         return key
+
+    def _push_local(self, key: str, size: int) -> None:
+        """Push the local copy of *key* to the remote tier, pinned while it is read."""
+        from examples.cachestore.remote import RemoteError  # noqa: PLC0415
+
+        assert self.remote is not None
+        remote = self.remote
+        try:
+            f = open(self.path_of(key), "rb", buffering=0)  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            self.counters.unpushed_puts += 1  # lost while written, or purged since
+            return
+        with f, self._pinned(f.fileno()) as lost:
+            if lost or os.fstat(f.fileno()).st_size != size:
+                self.counters.unpushed_puts += 1
+                return
+            with suppress(RemoteError):
+                remote.push(key, size, iter(lambda: f.read(remote.chunk), b""))
 
     def _publish(
         self,
@@ -230,12 +362,13 @@ class CacheStore:
         chunks: Iterable[bytes | bytearray | memoryview],
         size: int | None,
         final: Path | None,
-    ) -> tuple[str, int]:
+    ) -> tuple[str, int, bool]:
         """Write a temporary file in *directory*, then rename it to *final* (or to its key).
 
-        Returns (key, bytes written).  The temporary file is volatile before its first byte
-        (when the size is known up front; else as soon as it is complete), so a writer that
-        dies leaves nothing unpurgeable behind.
+        Returns (key, bytes written, whether it is in place now).  The temporary file is
+        volatile before its first byte (when the size is known up front; else as soon as it is
+        complete), so a writer that dies leaves nothing unpurgeable behind.  An exception from
+        *chunks* (a remote read that failed) leaves nothing behind either.
         """
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
@@ -271,14 +404,14 @@ class CacheStore:
             if self._refresh(final, written):
                 os.unlink(tmp)
                 self.counters.deduplicated_puts += 1
-                return key, written
+                return key, written, True
             final.parent.mkdir(parents=True, exist_ok=True)
         if lost:
             os.unlink(tmp)
             self.counters.lost_puts += 1
-        else:
-            os.rename(tmp, final)
-        return key, written
+            return key, written, False
+        os.rename(tmp, final)
+        return key, written, True
 
     def _refresh(self, path: Path, size: int) -> bool:
         """True if an intact object of *size* bytes is at *path*; it becomes most recently used.
@@ -302,12 +435,35 @@ class CacheStore:
     def get(self, key: str) -> bytes | None:
         """The object's bytes, verified against its key; None on a miss.
 
-        A miss is an absent object, one the filesystem purged (removed here, so the next
+        A local miss is an absent object, one the filesystem purged (removed here, so the next
         :meth:`contains` says no), one that fails with EIO while read, or one whose content
         does not hash to *key* (removed too).  Afterwards the object is volatile again and
-        most recently used.
+        most recently used.  With a remote tier a local miss asks Redis; a remote hit is
+        verified, refills the local copy and is returned.  An object larger than one chunk is
+        streamed into the local copy and read back from it, so it is held once in memory
+        (only if the local tier cannot keep it is it assembled from Redis chunk by chunk).
         """
-        with self._open(key) as opened:
+        data = self._get_local(key)
+        if data is not None:
+            self._hit(local=True)
+            return data
+        if self.remote is not None:
+            data = self._get_remote(key)
+            if data is not None:
+                self._hit(local=False)
+                return data
+        self.counters.misses += 1
+        return None
+
+    def _hit(self, *, local: bool) -> None:
+        self.counters.hits += 1
+        if local:
+            self.counters.local_hits += 1
+        else:
+            self.counters.remote_hits += 1
+
+    def _get_local(self, key: str, *, counting: bool = True) -> bytes | None:
+        with self._open(key, counting=counting) as opened:
             if opened is None:
                 return None
             f, path = opened
@@ -316,21 +472,91 @@ class CacheStore:
             except OSError as e:
                 if e.errno != errno.EIO:
                     raise
-                self._purged_miss(path, f.fileno())
+                self._purged_miss(path, f.fileno(), counting)
                 return None
             if key_of(data) != key:
-                self._corrupt_miss(path, f.fileno())
+                self._corrupt_miss(path, f.fileno(), counting)
                 return None
-        self.counters.hits += 1
         return data
+
+    def _get_remote(self, key: str) -> bytes | None:
+        from examples.cachestore.remote import RemoteError, RemoteMiss  # noqa: PLC0415
+
+        assert self.remote is not None
+        try:
+            fetched = self.remote.fetch(key)
+            if fetched.size <= self.remote.chunk:
+                data = next(iter(fetched))  # verified: it is the last chunk
+                self._refill(key, [data], len(data))
+                return data
+            if self._refill(key, fetched, fetched.size):
+                kept = self._get_local(key, counting=False)
+                if kept is not None:
+                    return kept
+            return self.remote.read_all(key)
+        except (RemoteError, RemoteMiss):
+            return None
+
+    def _refill(self, key: str, chunks: Fetched | list[bytes], size: int) -> bool:
+        """Write a remote hit into the local tier; False if it could not be kept there.
+
+        Raises what iterating *chunks* raises (a remote failure, a corrupt object): the
+        temporary file is then removed and nothing is published.
+        """
+        path = self.path_of(key)
+        try:
+            _, _, kept = self._publish(path.parent, chunks, size, path)
+        except OSError:
+            kept = False
+        if kept:
+            self.counters.refills += 1
+        else:
+            self.counters.failed_refills += 1
+        return kept
 
     def get_to(self, key: str, dest: StrPath) -> bool:
         """Copy the object to the file *dest* (streamed, verified); False on a miss.
 
-        *dest* appears complete or not at all (written next to it, then renamed).
+        *dest* appears complete or not at all (written next to it, then renamed).  With a
+        remote tier a local miss is streamed from Redis into the local copy and copied from
+        there (or, if the local tier cannot keep it, streamed from Redis into *dest*).
         """
         dest = Path(dest)
-        with self._open(key) as opened:
+        if self._copy_local(key, dest):
+            self._hit(local=True)
+            return True
+        if self.remote is not None and self._copy_remote(key, dest):
+            self._hit(local=False)
+            return True
+        self.counters.misses += 1
+        return False
+
+    def _copy_remote(self, key: str, dest: Path) -> bool:
+        from examples.cachestore.remote import RemoteError, RemoteMiss  # noqa: PLC0415
+
+        assert self.remote is not None
+        try:
+            fetched = self.remote.fetch(key)
+            if self._refill(key, fetched, fetched.size) and self._copy_local(
+                key, dest, counting=False
+            ):
+                return True
+            fetched = self.remote.fetch(key)
+            tmp = dest.with_name(f"{TEMP_PREFIX}{dest.name}-{secrets.token_hex(4)}")
+            try:
+                with open(tmp, "xb") as out:
+                    for chunk in fetched:  # the last chunk comes only once verified
+                        out.write(chunk)
+                os.rename(tmp, dest)
+            finally:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        except (RemoteError, RemoteMiss):
+            return False
+        return True
+
+    def _copy_local(self, key: str, dest: Path, *, counting: bool = True) -> bool:
+        with self._open(key, counting=counting) as opened:
             if opened is None:
                 return False
             f, path = opened
@@ -347,35 +573,52 @@ class CacheStore:
             except OSError as e:
                 if e.errno != errno.EIO:
                     raise
-                self._purged_miss(path, f.fileno())
+                self._purged_miss(path, f.fileno(), counting)
                 return False
             finally:
                 with suppress(FileNotFoundError):
                     os.unlink(tmp)
             if not ok:
-                self._corrupt_miss(path, f.fileno())
+                self._corrupt_miss(path, f.fileno(), counting)
                 return False
-        self.counters.hits += 1
         return True
 
     @contextmanager
     def open(self, key: str) -> Iterator[io.FileIO | None]:
         """The object, opened for reading and pinned for the whole block; None on a miss.
 
-        For large objects read piecemeal, or mmap-ed.  The content is *not* verified (use
-        :meth:`get` or :meth:`get_to` for that) but cannot be purged while the block runs.
-        Counts a hit if the object is intact.
+        For large objects read piecemeal, or mmap-ed.  The local content is *not* verified
+        (use :meth:`get` or :meth:`get_to` for that) but cannot be purged while the block
+        runs.  Counts a hit if the object is intact.  With a remote tier a local miss is
+        streamed from Redis (verified) into the local copy, which is then opened.
         """
         with self._open(key) as opened:
-            if opened is None:
-                yield None
+            if opened is not None:
+                self._hit(local=True)
+                yield opened[0]
                 return
-            self.counters.hits += 1
-            yield opened[0]
+        if self.remote is not None and self._refill_remote(key):
+            with self._open(key, counting=False) as opened:
+                if opened is not None:
+                    self._hit(local=False)
+                    yield opened[0]
+                    return
+        self.counters.misses += 1
+        yield None
+
+    def _refill_remote(self, key: str) -> bool:
+        from examples.cachestore.remote import RemoteError, RemoteMiss  # noqa: PLC0415
+
+        assert self.remote is not None
+        try:
+            fetched = self.remote.fetch(key)
+            return self._refill(key, fetched, fetched.size)
+        except (RemoteError, RemoteMiss):
+            return False
 
     @contextmanager
-    def _open(self, key: str) -> Iterator[tuple[io.FileIO, Path] | None]:
-        """Open and pin the object; yield (file, path) if intact, else count a miss.
+    def _open(self, key: str, *, counting: bool = True) -> Iterator[tuple[io.FileIO, Path] | None]:
+        """Open and pin the object; yield (file, path) if intact, else count a local miss.
 
         Order matters: open, pin, then ask what was purged.  A purge between open and pin
         is therefore seen; after the pin nothing can purge the object.
@@ -384,12 +627,13 @@ class CacheStore:
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below, after unpinning)
         except FileNotFoundError:
-            self.counters.misses += 1
+            if counting:
+                self.counters.local_misses += 1
             yield None
             return
         with f, self._pinned(f.fileno()) as lost:
             if lost:
-                self._purged_miss(path, f.fileno())
+                self._purged_miss(path, f.fileno(), counting)
                 yield None
             else:
                 yield f, path
@@ -421,14 +665,16 @@ class CacheStore:
                 finally:
                     fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def _purged_miss(self, path: Path, fd: int) -> None:
-        self.counters.misses += 1
-        self.counters.purged_misses += 1
+    def _purged_miss(self, path: Path, fd: int, counting: bool = True) -> None:
+        if counting:
+            self.counters.local_misses += 1
+            self.counters.purged_misses += 1
         self._discard(path, fd)
 
-    def _corrupt_miss(self, path: Path, fd: int) -> None:
-        self.counters.misses += 1
-        self.counters.corrupt_misses += 1
+    def _corrupt_miss(self, path: Path, fd: int, counting: bool = True) -> None:
+        if counting:
+            self.counters.local_misses += 1
+            self.counters.corrupt_misses += 1
         self._discard(path, fd)
 
     def _discard(self, path: Path, fd: int) -> None:
@@ -456,24 +702,47 @@ class CacheStore:
     def contains(self, key: str) -> bool:
         """Whether the object is there and (on vrangefs) nothing of it was purged.
 
-        Cheap (one stat, one getxattr) and only a hint: it may be purged right after.
+        Cheap (one stat, one getxattr) and only a hint: it may be purged right after.  With a
+        remote tier, an object only Redis has counts too (one EXISTS; False if Redis fails).
         """
         path = self.path_of(key)
         try:
             if self.volatile:
-                return not client.purged(path)
-            return path.is_file()
+                if not client.purged(path):
+                    return True
+            elif path.is_file():
+                return True
         except FileNotFoundError:
+            pass
+        if self.remote is None:
+            return False
+        from examples.cachestore.remote import RemoteError  # noqa: PLC0415
+
+        try:
+            return self.remote.exists(key)
+        except RemoteError:
             return False
 
     def delete(self, key: str) -> bool:
-        """Remove the object; False if it was not there.  Readers that have it open finish."""
+        """Remove the object; False if it was not there.  Readers that have it open finish.
+
+        With a remote tier it is removed there too (for every host: the next lookup
+        anywhere misses); True if either tier had it.  A remote failure is counted, and the
+        remote copy then stays until its TTL or an eviction.
+        """
         try:
             os.unlink(self.path_of(key))
+            found = True
         except FileNotFoundError:
-            return False
-        self.counters.deletes += 1
-        return True
+            found = False
+        if self.remote is not None:
+            from examples.cachestore.remote import RemoteError  # noqa: PLC0415
+
+            with suppress(RemoteError):
+                found = self.remote.delete(key) or found
+        if found:
+            self.counters.deletes += 1
+        return found
 
     def stats(self) -> CacheStats:
         """This instance's counters and the mount's statistics."""
@@ -485,7 +754,10 @@ class CacheStore:
                 "size_bytes": st.f_blocks * st.f_frsize,
                 "used_bytes": (st.f_blocks - st.f_bfree) * st.f_frsize,
             }
-        return CacheStats(**asdict(self.counters), volatile=self.volatile, mount=mount)
+        remote = {} if self.remote is None else self.remote.info()
+        return CacheStats(
+            **asdict(self.counters), volatile=self.volatile, mount=mount, remote=remote
+        )
 
     def usage(self) -> Usage:
         """Walk the cache: how many objects, their bytes, and how much of that is resident."""
