@@ -220,7 +220,7 @@ def test_redis_killed_mid_run_then_back(
     while time.monotonic() < hammer_end:
         assert b.get(keys[21 + lookups % 10]) is None
         lookups += 1
-    assert lookups > 100
+    assert lookups > 20
     assert b.counters.remote_errors <= 1 + 1.0 / 0.1
     assert b.counters.remote_skipped >= lookups - b.counters.remote_errors
     assert len(warnings_of(caplog)) == b.counters.remote_errors  # one line per failure
@@ -250,7 +250,7 @@ def test_a_hung_redis_costs_one_timeout(
     fleet: StoreFactory, server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    a, b = fleet(0), fleet(1, timeout=0.3, backoff_initial=0.5, backoff_max=0.5)
+    a, b = fleet(0), fleet(1, timeout=0.3, backoff_initial=2.0, backoff_max=2.0)
     local, remote_only = blob(10_000, 3), blob(10_000, 4)
     local_key, remote_key = b.put(local), a.put(remote_only)
     server.pause()  # SIGSTOP: connections stay open, nothing answers
@@ -258,14 +258,16 @@ def test_a_hung_redis_costs_one_timeout(
         start = time.monotonic()
         assert b.get(remote_key) is None
         took = time.monotonic() - start
-        assert 0.25 < took < 1.5, took
+        assert 0.25 < took < 3, took  # one timeout (0.3 s), not a hang
         assert b.counters.remote_errors == 1
         assert "Timeout" in warnings_of(caplog)[-1]
         start = time.monotonic()
         assert b.get(local_key) == local  # local hits do not wait
         assert b.get(remote_key) is None  # backing off: not even a timeout
         assert b.put(blob(5_000, 5))  # nor do puts
-        assert time.monotonic() - start < 0.2
+        assert b.counters.remote_errors == 1  # no call was made ...
+        assert b.counters.remote_skipped == 2  # ... the fetch and the put's check skipped
+        assert time.monotonic() - start < 1
     finally:
         server.resume()
 
