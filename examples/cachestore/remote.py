@@ -202,7 +202,8 @@ class RemoteTier:
             self._failures += 1
             if self._failures == 1:
                 self._down_since = time.monotonic()
-            delay = min(self.backoff_max, self.backoff_initial * 2 ** (self._failures - 1))
+            doubled = self.backoff_initial * 2 ** min(self._failures - 1, 32)  # no overflow
+            delay = min(self.backoff_max, doubled)
             delay *= random.uniform(0.5, 1.0)  # jitter: a fleet does not probe in step
             self._retry_at = time.monotonic() + delay
             log.warning(

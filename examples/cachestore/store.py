@@ -214,7 +214,8 @@ class CacheStore:
     disks).  One instance is not thread-safe; processes may share the directory freely.
 
     *remote*: a Redis URL (``redis://HOST:PORT/DB``), a redis-py client, or a ready
-    :class:`~examples.cachestore.remote.RemoteTier`: the shared tier behind the local one.
+    :class:`~examples.cachestore.remote.RemoteTier` (which then counts into this store's
+    counters): the shared tier behind the local one.
     *remote_ttl* (seconds, None for none) and *remote_timeout* (seconds, bounding every
     remote call) apply when *remote* is a URL or a client.  Needs the ``redis`` package.
     """

@@ -27,7 +27,7 @@ import pytest
 
 from examples.cachestore import CacheStore, key_of
 from examples.cachestore.remote import RemoteMiss, RemoteTier
-from examples.cachestore.server import RedisServer, RedisServerMissing
+from examples.cachestore.server import RedisServer, RedisServerMissing, free_port
 from examples.cachestore.store import Counters
 from tests.conftest import wait_until
 from tests.integration.conftest import Mount, Mounter
@@ -275,6 +275,17 @@ def test_a_hung_redis_costs_one_timeout(
         return b.get(remote_key) == remote_only
 
     wait_until(back, 5, "b reads from Redis again")
+
+
+def test_a_long_outage_keeps_backing_off(tmp_path: Path) -> None:
+    """Days of failures: the back-off stays capped (and its arithmetic does not overflow)."""
+    tier = RemoteTier(f"redis://127.0.0.1:{free_port()}/0", Counters(), backoff_max=0.05)
+    tier._failures = 10_000
+    store = CacheStore(tmp_path / "cache", remote=tier)  # the tier now counts into the store's
+    assert store.get(key_of(b"x")) is None
+    assert store.counters.remote_errors == 1
+    assert 0.02 <= tier._retry_at - time.monotonic() <= 0.05
+    store.close()
 
 
 # -- wrong bytes under a key ----------------------------------------------------------------
