@@ -216,8 +216,9 @@ class CacheStore:
     *remote*: a Redis URL (``redis://HOST:PORT/DB``), a redis-py client, or a ready
     :class:`~examples.cachestore.remote.RemoteTier` (which then counts into this store's
     counters): the shared tier behind the local one.
-    *remote_ttl* (seconds, None for none) and *remote_timeout* (seconds, bounding every
-    remote call) apply when *remote* is a URL or a client.  Needs the ``redis`` package.
+    *remote_ttl* (seconds, None for none) applies when *remote* is a URL or a client,
+    *remote_timeout* (seconds, bounding every remote call) when it is a URL (a client keeps
+    its own socket timeouts).  Needs the ``redis`` package.
     """
 
     def __init__(
