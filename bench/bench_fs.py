@@ -3,7 +3,8 @@
 Usage (as root: it mounts tmpfs and writes /proc/sys/vm/drop_caches):
 
     .venv/bin/python bench/bench_fs.py [--runs 3] [--size 1G] [--files 10000]
-        [--only vrangefs,tmpfs,ceiling] [--ceiling-direct-io] [--json OUT]
+        [--only vrangefs,tmpfs,ceiling] [--ceiling-direct-io] [--ceiling-mt]
+        [--wait-quiet SECONDS] [--json OUT]
 
 Every filesystem is mounted under one temporary directory for the whole
 session, the runs are interleaved (run 1 on each filesystem, then run 2, ...)
@@ -32,6 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from loadwatch import LoadWatch, add_wait_quiet, busy, wait_quiet
+
 from vrangefs import mountinfo
 from vrangefs.protocol import parse_stats
 
@@ -41,7 +44,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 MB = 1_000_000
 
-FILESYSTEMS = ("tmpfs", "ceiling", "ceiling-dio", "vrangefs")
+FILESYSTEMS = ("tmpfs", "ceiling", "ceiling-mt", "ceiling-dio", "vrangefs")
+CEILING_MT_TASKS = 2**31 - 1  # as vrangefs/mount.py: no cap on request tasks
 RSS_SLACK = 50 * MiB  # allowed daemon overhead over the stored bytes, and drift after a delete
 RSS_FACTOR = 1.05  # allowed daemon RSS per stored byte
 RSS_SETTLE_SECONDS = 10.0  # how long to wait for RSS to drop after a delete
@@ -56,6 +60,8 @@ METRICS: list[tuple[str, str]] = [
     ("create_per_s", "create+write 4K+close (/s)"),
     ("stat_per_s", "stat (/s)"),
     ("unlink_per_s", "unlink (/s)"),
+    ("missing_per_s", "stat of a removed name (/s)"),
+    ("missing_again_per_s", "same, again (/s)"),
     ("write4k_per_s", "write(2) 4K loop, one file (/s)"),
     ("rss_start_MiB", "daemon RSS at start (MiB)"),
     ("rss_after_write_MiB", "daemon RSS after write (MiB)"),
@@ -160,6 +166,16 @@ class Target:
     def stats(self) -> dict[str, int | str]:
         return {}
 
+    def read_ahead_kb(self) -> int | None:
+        """The mount's readahead window (sysfs), or None where it has none of its own."""
+        entry = mountinfo.find(self.mountpoint)
+        if entry is None or entry.major != 0:
+            return None
+        try:
+            return int(Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb").read_text())
+        except (OSError, ValueError):
+            return None
+
     def unmount(self) -> None:
         raise NotImplementedError
 
@@ -178,13 +194,17 @@ class Tmpfs(Target):
 class Ceiling(Target):
     """bench/ceiling.py as a child process in its own session (Ctrl-C is ours to relay)."""
 
-    def __init__(self, mountpoint: Path, direct_io: bool, log_path: Path) -> None:
+    def __init__(
+        self, mountpoint: Path, direct_io: bool, log_path: Path, max_tasks: int | None = None
+    ) -> None:
         super().__init__(mountpoint)
-        self.name = "ceiling-dio" if direct_io else "ceiling"
+        self.name = "ceiling-dio" if direct_io else "ceiling-mt" if max_tasks else "ceiling"
         self.log_path = log_path
         argv = [sys.executable, str(BENCH_DIR / "ceiling.py"), str(mountpoint)]
         if direct_io:
             argv.append("--direct-io")
+        if max_tasks:
+            argv.append(f"--max-tasks={max_tasks}")
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -349,11 +369,17 @@ class Bench:
         self.trap_writes: int = opts.trap_writes
         # Generous bounds: 20 MB/s for bulk data, 200 ops/s for loops.
         self.dd_timeout = 60 + self.size / (20 * MB)
-        self.loop_timeout = 120 + max(self.files * 3, self.random_reads, self.trap_writes) / 200
+        self.loop_timeout = 120 + max(self.files * 5, self.random_reads, self.trap_writes) / 200
+        self.watch: LoadWatch | None = None
 
     def measure(self, target: Target, run_index: int) -> dict[str, Any]:
         """One run of every figure on *target*; leaves no files behind."""
         res: dict[str, Any] = {"run": run_index + 1}
+        if self.watch is not None:
+            res.update(self.watch.mark())
+        ra = target.read_ahead_kb()
+        if ra is not None:
+            res["read_ahead_kb"] = ra
         mnt = target.mountpoint
         big = mnt / "seq.bin"
         count = self.size // MiB
@@ -417,6 +443,8 @@ class Bench:
         res["create_per_s"] = out["ops"] / out["create_seconds"]
         res["stat_per_s"] = out["ops"] / out["stat_seconds"]
         res["unlink_per_s"] = out["ops"] / out["unlink_seconds"]
+        res["missing_per_s"] = out["ops"] / out["missing_seconds"]
+        res["missing_again_per_s"] = out["ops"] / out["missing_again_seconds"]
 
         trap = mnt / "writes4k.bin"
         out = probe(
@@ -451,9 +479,8 @@ def fmt(value: float | None) -> str:
 
 def table(med: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
     names = [fs for fs in FILESYSTEMS if fs in med]
-    ratios = [
-        (a, b) for a, b in (("vrangefs", "tmpfs"), ("vrangefs", "ceiling")) if a in med and b in med
-    ]
+    pairs = (("vrangefs", "tmpfs"), ("vrangefs", "ceiling"), ("vrangefs", "ceiling-mt"))
+    ratios = [(a, b) for a, b in pairs if a in med and b in med]
     if "vrangefs" not in med and "ceiling" in med and "tmpfs" in med:
         ratios.append(("ceiling", "tmpfs"))
     head = ["figure (median)", *(f"{fs} [{counts[fs]}]" for fs in names)]
@@ -554,12 +581,20 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run the ceiling in direct_io mode (ceiling-dio)",
     )
+    parser.add_argument(
+        "--ceiling-mt",
+        action="store_true",
+        help="also run the ceiling with no cap on request tasks, as vrangefs (ceiling-mt)",
+    )
     parser.add_argument("--memory-cap", default="2G", help="vrangefs --memory-cap (default 2G)")
+    add_wait_quiet(parser)
     parser.add_argument("--json", type=Path, help="write every raw number here")
     opts = parser.parse_args(args)
     opts.only = [fs.strip() for fs in opts.only.split(",") if fs.strip()]
     if opts.ceiling_direct_io and "ceiling-dio" not in opts.only:
         opts.only.append("ceiling-dio")
+    if opts.ceiling_mt and "ceiling-mt" not in opts.only:
+        opts.only.append("ceiling-mt")
     unknown = set(opts.only) - set(FILESYSTEMS)
     if unknown:
         parser.error(f"unknown filesystem(s) {sorted(unknown)}; known: {FILESYSTEMS}")
@@ -574,8 +609,9 @@ def mount(fs: str, mountpoint: Path, opts: argparse.Namespace, workdir: Path) ->
     if fs == "tmpfs":
         size = opts.size + opts.trap_writes * 4096 + opts.files * 8192 + 256 * MiB
         return Tmpfs(mountpoint, size)
-    if fs in ("ceiling", "ceiling-dio"):
-        return Ceiling(mountpoint, fs == "ceiling-dio", workdir / f"{fs}.log")
+    if fs in ("ceiling", "ceiling-mt", "ceiling-dio"):
+        tasks = CEILING_MT_TASKS if fs == "ceiling-mt" else None
+        return Ceiling(mountpoint, fs == "ceiling-dio", workdir / f"{fs}.log", tasks)
     command = vrangefs_command()
     assert command is not None
     return Vrangefs(mountpoint, command, opts.memory_cap)
@@ -587,6 +623,13 @@ def main(args: list[str] | None = None) -> int:
         print("bench_fs.py must run as root (mount -t tmpfs, drop_caches)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    others = busy()
+    if others and opts.wait_quiet > 0:
+        print(f"waiting up to {opts.wait_quiet:.0f} s for other tests or benchmarks to end")
+        others = wait_quiet(opts.wait_quiet)
+    if others:
+        print("WARNING: other heavy processes run; numbers are taken under load:", flush=True)
+        print("\n".join(f"  {line[:120]}" for line in others), flush=True)
     bench = Bench(opts)
     skipped: dict[str, str] = {}
     failures: dict[str, str] = {}
@@ -605,6 +648,8 @@ def main(args: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="vrangefs-bench-"))
     targets: dict[str, Target] = {}
     interrupted = False
+    watch = bench.watch = LoadWatch()
+    watch.start()
     try:
         for fs in wanted:
             mountpoint = workdir / fs
@@ -637,11 +682,12 @@ def main(args: list[str] | None = None) -> int:
         interrupted = True
         print("\ninterrupted: unmounting", flush=True)
     finally:
+        watch.stop()
         with no_interrupts():
             unmount_all(targets, failures)
             cleanup_workdir(workdir)
 
-    report(opts, runs, failures, skipped, interrupted)
+    report(opts, runs, failures, skipped, interrupted, watch)
     return 1 if failures or interrupted else 0
 
 
@@ -676,6 +722,7 @@ def report(
     failures: dict[str, str],
     skipped: dict[str, str],
     interrupted: bool,
+    watch: LoadWatch,
 ) -> None:
     med = medians(runs)
     if med:
@@ -690,6 +737,19 @@ def report(
                     f"{fs}: RSS after write <= {RSS_FACTOR} x stored + 50 MiB in {w}/{len(rows)} "
                     f"runs; back within 50 MiB after delete in {d}/{len(rows)} runs"
                 )
+    for fs, rows in runs.items():
+        modes = sorted({r["read_ahead_kb"] for r in rows if "read_ahead_kb" in r})
+        if modes:
+            print(f"{fs}: readahead window {', '.join(map(str, modes))} KiB")
+    load = watch.loadavg
+    if load:
+        print(
+            f"load average (1 min) during the session: {min(load):.1f} to {max(load):.1f}, "
+            f"median {statistics.median(load):.1f}"
+        )
+    if watch.seen:
+        print(f"NOTE: {len(watch.seen)} other heavy process(es) ran during the benchmark, e.g.:")
+        print("\n".join(f"  {line[:120]}" for line in list(watch.seen)[:5]), flush=True)
     for fs, why in skipped.items():
         print(f"skipped {fs}: {why}")
     for fs, why in failures.items():
@@ -705,7 +765,9 @@ def report(
                 "memory_cap": opts.memory_cap,
                 "filesystems": opts.only,
                 "interrupted": interrupted,
+                "wait_quiet": opts.wait_quiet,
             },
+            "load": {"loadavg_1min": watch.loadavg, "others_seen": list(watch.seen)},
             "environment": environment(),
             "runs": runs,
             "medians": med,

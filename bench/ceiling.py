@@ -1,6 +1,6 @@
 """The ceiling: the cheapest pyfuse3 filesystem that still behaves like one.
 
-Usage: ``python bench/ceiling.py MOUNTPOINT [--direct-io] [--max-tasks N]``
+Usage: ``python bench/ceiling.py MOUNTPOINT [--direct-io] [--max-tasks N] [--read-ahead-kb N]``
 
 One flat directory (the root) of regular files.  Writes are discarded but
 extend the file size; reads return zeros up to that size.  Every handler is
@@ -15,7 +15,10 @@ What it does the same way as vrangefs, so that the comparison is fair:
 - ``getxattr`` is implemented and answers ENODATA, so the kernel pays the
   ``security.capability`` round trip on every write(2), as it will on any
   filesystem that supports xattrs;
-- pyfuse3's default entry and attribute timeouts (300 s).
+- pyfuse3's default entry and attribute timeouts (300 s); a lookup that misses is
+  answered as a negative entry (inode 0) with vrangefs's timeout, as vrangefs does;
+- the readahead window is raised after INIT to vrangefs's (``--read-ahead-kb``, when
+  run as root), so that cold reads arrive as READs of the same size.
 
 Deliberate shortcuts, valid for the benchmark's one-client use: no lookup
 counts (an inode is dropped on the first ``forget`` once it is unlinked), no
@@ -42,6 +45,9 @@ from collections.abc import Sequence
 
 import pyfuse3
 import trio
+
+from vrangefs.mount import READ_AHEAD_KB, raise_readahead
+from vrangefs.operations import NEGATIVE_TIMEOUT
 
 log = logging.getLogger("ceiling")
 
@@ -74,9 +80,14 @@ def _attributes(ino: int, mode: int, nlink: int, uid: int, gid: int) -> pyfuse3.
 class CeilingOperations(pyfuse3.Operations):
     """pyfuse3 handlers; each one is a dict operation or less."""
 
-    def __init__(self, direct_io: bool) -> None:
+    def __init__(self, direct_io: bool, mountpoint: str = "", read_ahead_kb: int = 0) -> None:
         super().__init__()
         self.direct_io = direct_io
+        self.mountpoint = mountpoint
+        self.read_ahead_kb = read_ahead_kb
+        self.negative = pyfuse3.EntryAttributes()  # inode 0: the kernel caches the miss
+        self.negative.entry_timeout = NEGATIVE_TIMEOUT
+        self.negative.attr_timeout = 0
         self.root = _attributes(
             pyfuse3.ROOT_INODE, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid()
         )
@@ -96,7 +107,7 @@ class CeilingOperations(pyfuse3.Operations):
             return node.attr
         if name in (b".", b".."):
             return self.root
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.negative
 
     async def create(
         self,
@@ -168,6 +179,17 @@ class CeilingOperations(pyfuse3.Operations):
             target.st_mtime_ns = attr.st_mtime_ns
         target.st_ctime_ns = time.time_ns()
         return target
+
+    def init(self) -> None:
+        """INIT: raise the readahead window once the reply (which caps it) is sent."""
+        if self.read_ahead_kb:
+            trio.lowlevel.current_trio_token().run_sync_soon(self._raise_readahead)
+
+    def _raise_readahead(self) -> None:
+        try:
+            log.warning("%s", raise_readahead(self.mountpoint, self.read_ahead_kb))
+        except Exception:
+            log.exception("raising the readahead window failed")
 
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
@@ -275,13 +297,24 @@ def main(args: list[str] | None = None) -> int:
         default=1,
         help="pyfuse3 worker tasks (default 1: no handler awaits, so more cannot overlap work)",
     )
+    parser.add_argument(
+        "--read-ahead-kb",
+        type=int,
+        default=READ_AHEAD_KB,
+        help=f"readahead window set after INIT, as root (default {READ_AHEAD_KB}, as vrangefs;"
+        " 0: leave the kernel's)",
+    )
     parser.add_argument("--debug", action="store_true", help="log pyfuse3 debug messages")
     opts = parser.parse_args(args)
     logging.basicConfig(
         level=logging.DEBUG if opts.debug else logging.WARNING,
         format="ceiling[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
-    operations = CeilingOperations(direct_io=opts.direct_io)
+    operations = CeilingOperations(
+        direct_io=opts.direct_io,
+        mountpoint=os.path.abspath(opts.mountpoint),
+        read_ahead_kb=opts.read_ahead_kb,
+    )
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {"fsname=ceiling", "subtype=ceiling"}
     pyfuse3.init(operations, opts.mountpoint, fuse_options)

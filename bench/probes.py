@@ -3,7 +3,7 @@
 Usage (one JSON object on stdout; any failure is an exception and a non-zero exit):
 
     python bench/probes.py randread FILE --file-size BYTES --count N --seed S [--direct]
-    python bench/probes.py smallfiles DIR --count N
+    python bench/probes.py smallfiles DIR --count N    (then stat each removed name twice)
     python bench/probes.py writes FILE --count N
 
 Each loop runs in its own process so that the benchmark can bound it with a
@@ -46,8 +46,17 @@ def randread(path: str, file_size: int, count: int, seed: int, direct: bool) -> 
     return {"seconds": seconds, "ops": count}
 
 
+def _missing(path: str) -> None:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return
+    raise OSError(f"{path} is still there")
+
+
 def smallfiles(directory: str, count: int) -> dict[str, float]:
-    """Create+write 4 KiB+close, then stat, then unlink *count* files."""
+    """Create+write 4 KiB+close, then stat, then unlink *count* files; then stat each
+    removed name twice (the second time a kernel that caches misses answers alone)."""
     paths = [os.path.join(directory, f"small-{i:07d}") for i in range(count)]
     data = b"\xa5" * BLOCK
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -67,11 +76,19 @@ def smallfiles(directory: str, count: int) -> dict[str, float]:
     for path in paths:
         os.unlink(path)
     unlinked = time.perf_counter()
+    for path in paths:
+        _missing(path)
+    missed = time.perf_counter()
+    for path in paths:
+        _missing(path)
+    missed_again = time.perf_counter()
     return {
         "ops": count,
         "create_seconds": created - start,
         "stat_seconds": statted - created,
         "unlink_seconds": unlinked - statted,
+        "missing_seconds": missed - unlinked,
+        "missing_again_seconds": missed_again - missed,
     }
 
 

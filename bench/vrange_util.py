@@ -9,7 +9,6 @@ table printer.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import multiprocessing
@@ -17,7 +16,6 @@ import multiprocessing.connection
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +41,7 @@ from bench_fs import (
     rss_bytes,
     vrangefs_command,
 )
+from loadwatch import add_wait_quiet, busy, wait_quiet
 
 from vrangefs.protocol import int_stats, read_stats
 
@@ -217,62 +216,6 @@ def in_child(fn: Callable[..., Any], *args: Any, timeout: float, what: str) -> A
     if status != "ok":
         raise BenchError(f"{what}: {value}")
     return value
-
-
-def busy() -> list[str]:
-    """Other heavy processes (test runs, benchmarks) now: `pgrep -af "pytest|bench_|bench/"`.
-
-    Our own process group (this benchmark and the children it forks) and our descendants
-    (the ceiling runs in a session of its own) do not count.
-    """
-    proc = subprocess.run(
-        ["pgrep", "-af", "pytest|bench_|bench/"], capture_output=True, text=True, check=False
-    )
-    ours = os.getpgid(0)
-    out = []
-    for line in proc.stdout.splitlines():
-        pid = int(line.split()[0])
-        try:
-            if os.getpgid(pid) == ours or _descends_from_us(pid):
-                continue
-        except (ProcessLookupError, PermissionError):
-            continue
-        out.append(line)
-    return out
-
-
-def _descends_from_us(pid: int) -> bool:
-    me = os.getpid()
-    while pid > 1:
-        if pid == me:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rpartition(")")[2].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
-
-
-def add_wait_quiet(parser: argparse.ArgumentParser) -> None:
-    """The --wait-quiet option, for run_session()."""
-    parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0,
-        metavar="SECONDS",
-        help="first wait up to SECONDS for other tests or benchmarks to end",
-    )
-
-
-def wait_quiet(deadline_s: float) -> list[str]:
-    """Wait up to *deadline_s* seconds for busy() to be empty; return what still runs."""
-    end = time.monotonic() + deadline_s
-    others = busy()
-    while others and time.monotonic() < end:
-        time.sleep(5)
-        others = busy()
-    return others
 
 
 def preflight(script: str, wait_quiet_s: float = 0) -> list[str] | None:

@@ -9,6 +9,7 @@ every thread's stack (faulthandler) for a daemon that seems hung.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import TextIO, cast
 import pyfuse3
 import trio
 
-from vrangefs import pressure, sdnotify
+from vrangefs import mountinfo, pressure, sdnotify
 from vrangefs.config import MountConfig
 from vrangefs.memory import MemoryProbe
 from vrangefs.operations import Operations
@@ -29,6 +30,13 @@ from vrangefs.volume import Volume
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_TASKS = 2**31 - 1  # pyfuse3 takes a C int: in effect, no limit
+
+# Readahead window of the mount, in KiB: FUSE's largest READ (libfuse 3.14 negotiates
+# max_pages = 256, i.e. 1 MiB).  The kernel gives a FUSE mount 128 KiB and caps it at
+# that in the INIT exchange (neither pyfuse3 nor libfuse can offer more), so a cold
+# sequential read reaches the daemon as 128 KiB READs.  Root can raise it afterwards
+# through the mount's backing device in sysfs; then each READ is 1 MiB.
+READ_AHEAD_KB = 1024
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -50,12 +58,53 @@ def build(config: MountConfig) -> Operations:
         high_watermark=config.high_watermark,
         low_watermark=config.low_watermark,
     )
-    return Operations(volume, on_init=_served)
+    return Operations(volume, on_init=functools.partial(_served, config.mountpoint))
 
 
-def _served() -> None:
+def _served(mountpoint: str) -> None:
     log.info("serving requests")
     sdnotify.notify("READY=1\nSTATUS=serving")
+    # Called while libfuse answers INIT, before the reply reaches the kernel, which then
+    # sets the readahead window from it: raise the window once this request is done.
+    trio.lowlevel.current_trio_token().run_sync_soon(_raise_readahead, mountpoint)
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Run from trio's loop, where an exception would end the daemon: only log."""
+    try:
+        log.info("%s", raise_readahead(mountpoint))
+    except Exception:
+        log.exception("raising the readahead window of %s failed", mountpoint)
+
+
+def raise_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> str:
+    """Raise the readahead window of the FUSE mount at *mountpoint* to *kb* KiB (never
+    lower it); returns what was done, or why not (not root, read-only sysfs: the
+    window then stays as the kernel set it).  Touches the mount table and sysfs only,
+    never the mount, so the daemon that serves it may call it.
+
+    Safe for the stale-read rule: it only changes how many pages one READ fetches;
+    every purge still drops the inode's whole cache, and a READ touching a purged page
+    still fails as a whole, after which the kernel reads the page it needs alone.
+    """
+    entry = mountinfo.find(mountpoint)
+    if entry is None:
+        return f"readahead unchanged: {mountpoint} is not in the mount table"
+    path = f"/sys/class/bdi/{entry.device}/read_ahead_kb"
+    try:
+        with open(path) as f:
+            current = int(f.read())
+    except (OSError, ValueError) as e:
+        return f"readahead unchanged: cannot read {path}: {e}"
+    if current >= kb:
+        return f"readahead {current} KiB (as it was; {path})"
+    try:
+        with open(path, "w") as f:
+            f.write(f"{kb}\n")
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        return f"readahead stays {current} KiB: cannot write {path} ({why}; it needs root)"
+    return f"readahead raised from {current} to {kb} KiB ({path})"
 
 
 async def _serve(ops: Operations, config: MountConfig) -> None:

@@ -35,6 +35,17 @@ R = TypeVar("R")
 ENTRY_TIMEOUT = 60.0
 ATTR_TIMEOUT = 60.0
 
+# A lookup that misses is answered with inode 0 and this timeout, not ENOENT: the kernel
+# then keeps a negative dentry, and looking the name up again (a search path, `test -e`,
+# open(O_CREAT) without O_EXCL after a miss) does not reach us.  Safe because no name
+# appears without the kernel seeing it: names are only added by requests that go through
+# this mount's dentry cache (create, mknod, mkdir, symlink, link, rename), which turn
+# the negative dentry positive; the daemon adds none by itself (purges discard data,
+# never names).  And FUSE never trusts a negative dentry for O_CREAT|O_EXCL, mkdir or a
+# rename target: it looks the name up again.  It cannot shorten the LOOKUP of a fresh
+# name before a create either (the kernel sends one for every name it has no dentry for).
+NEGATIVE_TIMEOUT = ENTRY_TIMEOUT
+
 
 # Fault injection, for tests only: with VRANGEFS_FAULT_INJECTION=1 in the
 # daemon's environment, setting ``user.vrange.fault`` on the mount root to a
@@ -143,7 +154,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return self.attributes(self.volume.lookup(parent_inode, name))
+        try:
+            inode = self.volume.lookup(parent_inode, name)
+        except FsError as e:
+            if e.errno != errno.ENOENT or name in (b".", b".."):
+                raise
+            return _negative_entry()
+        return self.attributes(inode)
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         """FORGET has no reply: pyfuse3 awaits it in its main loop, where any exception,
@@ -416,6 +433,15 @@ class Operations(pyfuse3.Operations):
         out.f_favail = s.files_free
         out.f_namemax = s.name_max
         return out
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """A lookup's answer for a name that is not there (see NEGATIVE_TIMEOUT)."""
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = pyfuse3.InodeT(0)
+    attr.entry_timeout = NEGATIVE_TIMEOUT
+    attr.attr_timeout = 0
+    return attr
 
 
 def _invalidate_inode(ino: int) -> None:

@@ -41,7 +41,7 @@ def test_fs_errors_become_fuse_errors_with_their_errno(caplog: pytest.LogCapture
         await fs.ops.mkdir(d.st_ino, b"sub", 0o755, ctx)
         f = await fs.create(b"f", b"x" * (4 * PAGE_SIZE))  # the cap, none of it volatile
         return {
-            "lookup missing": await errno_of(fs.ops.lookup(ROOT, b"nope", ctx)),
+            "unlink missing": await errno_of(fs.ops.unlink(ROOT, b"nope", ctx)),
             "lookup too long": await errno_of(fs.ops.lookup(ROOT, b"n" * 256, ctx)),
             "mkdir existing": await errno_of(fs.ops.mkdir(ROOT, b"d", 0o755, ctx)),
             "rmdir non-empty": await errno_of(fs.ops.rmdir(ROOT, b"d", ctx)),
@@ -59,7 +59,7 @@ def test_fs_errors_become_fuse_errors_with_their_errno(caplog: pytest.LogCapture
         }
 
     assert run(body) == {
-        "lookup missing": errno.ENOENT,
+        "unlink missing": errno.ENOENT,
         "lookup too long": errno.ENAMETOOLONG,
         "mkdir existing": errno.EEXIST,
         "rmdir non-empty": errno.ENOTEMPTY,
@@ -92,7 +92,7 @@ def test_fs_error_is_raised_without_its_context() -> None:
 
     async def body() -> pyfuse3.FUSEError:
         with pytest.raises(pyfuse3.FUSEError) as info:
-            await fs.ops.lookup(ROOT, b"nope", fs.ctx)
+            await fs.ops.unlink(ROOT, b"nope", fs.ctx)
         return info.value
 
     e = run(body)
