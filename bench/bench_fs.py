@@ -59,6 +59,7 @@ METRICS: list[tuple[str, str]] = [
     ("rand4k_cold_per_s", "rand 4K read buffered cold (/s)"),
     ("create_per_s", "create+write 4K+close (/s)"),
     ("stat_per_s", "stat (/s)"),
+    ("stat_again_per_s", "stat again (/s)"),
     ("unlink_per_s", "unlink (/s)"),
     ("missing_per_s", "stat of a removed name (/s)"),
     ("missing_again_per_s", "same, again (/s)"),
@@ -442,6 +443,7 @@ class Bench:
         )
         res["create_per_s"] = out["ops"] / out["create_seconds"]
         res["stat_per_s"] = out["ops"] / out["stat_seconds"]
+        res["stat_again_per_s"] = out["ops"] / out["stat_again_seconds"]
         res["unlink_per_s"] = out["ops"] / out["unlink_seconds"]
         res["missing_per_s"] = out["ops"] / out["missing_seconds"]
         res["missing_again_per_s"] = out["ops"] / out["missing_again_seconds"]
@@ -675,7 +677,11 @@ def main(args: list[str] | None = None) -> int:
                     continue
                 runs.setdefault(fs, []).append(res)
                 print(
-                    ", ".join(f"{k}={fmt(res[k])}" for k, _ in METRICS[:9] if k in res),
+                    ", ".join(
+                        f"{k}={fmt(res[k])}"
+                        for k, _ in METRICS
+                        if k in res and not k.startswith("rss_")
+                    ),
                     flush=True,
                 )
     except KeyboardInterrupt:

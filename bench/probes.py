@@ -55,8 +55,8 @@ def _missing(path: str) -> None:
 
 
 def smallfiles(directory: str, count: int) -> dict[str, float]:
-    """Create+write 4 KiB+close, then stat, then unlink *count* files; then stat each
-    removed name twice (the second time a kernel that caches misses answers alone)."""
+    """Create+write 4 KiB+close, then stat (twice), then unlink *count* files; then stat
+    each removed name twice (the second time a kernel that caches misses answers alone)."""
     paths = [os.path.join(directory, f"small-{i:07d}") for i in range(count)]
     data = b"\xa5" * BLOCK
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
@@ -74,6 +74,9 @@ def smallfiles(directory: str, count: int) -> dict[str, float]:
             raise OSError(f"{path}: size {os.stat(path).st_size}, expected {BLOCK}")
     statted = time.perf_counter()
     for path in paths:
+        os.stat(path)
+    statted_again = time.perf_counter()
+    for path in paths:
         os.unlink(path)
     unlinked = time.perf_counter()
     for path in paths:
@@ -86,7 +89,8 @@ def smallfiles(directory: str, count: int) -> dict[str, float]:
         "ops": count,
         "create_seconds": created - start,
         "stat_seconds": statted - created,
-        "unlink_seconds": unlinked - statted,
+        "stat_again_seconds": statted_again - statted,
+        "unlink_seconds": unlinked - statted_again,
         "missing_seconds": missed - unlinked,
         "missing_again_seconds": missed_again - missed,
     }
