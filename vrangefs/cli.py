@@ -31,7 +31,8 @@ _SIZE = "bytes with an optional K, M, G or T suffix (powers of 1024), or a perce
 _RANGE = "bytes, K/M/G/T suffixes allowed"
 _OPTIONS_HELP = (
     "comma-separated mount options; may be repeated. size=SIZE (or memory_cap=), "
-    "purged_reads=, high_watermark=, low_watermark=, pressure_purge=, min_free= and debug "
+    "purged_reads=, high_watermark=, low_watermark=, pressure_purge=, min_free=, pin_limit= "
+    "and debug "
     "set the options of the same names (an -o setting wins over the long option); "
     "mode=OCTAL, uid=N and gid=N set the root directory's mode (default 1777) and owner, as "
     "on tmpfs; mount(8)'s own options (defaults, noauto, nofail, _netdev, user, x-*, ...) "
@@ -41,7 +42,8 @@ _HELPER_OPTIONS_HELP = (
     "comma-separated mount options; may be repeated. size=SIZE: the memory cap, bytes with "
     "an optional K, M, G or T suffix or a percentage of RAM (default 50%%); "
     "purged_reads=eio|zeros; high_watermark=PCT; low_watermark=PCT; pressure_purge=on|off; "
-    "min_free=SIZE; debug: as the vrangefs mount options of these names, see vrangefs(1). "
+    "min_free=SIZE; pin_limit=SIZE; debug: as the vrangefs mount options of these names, see "
+    "vrangefs(1). "
     "mode=OCTAL, uid=N and gid=N set the root directory's mode (default 1777) and owner, as "
     "on tmpfs. mount(8)'s own options (defaults, auto, noauto, nofail, _netdev, user, "
     "users, owner, group, rw, x-*, comment=...) are ignored; anything else, such as "
@@ -113,6 +115,14 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
         help=f"seconds between readings of available memory, from {config.MIN_INTERVAL} to "
         f"{config.MAX_INTERVAL:.0f}; a PSI memory stall wakes the watcher sooner "
         "(default %(default)s)",
+    )
+    p.add_argument(
+        "--pin-limit",
+        metavar="SIZE",
+        default=DEFAULTS["pin_limit"],
+        help="the bytes one user may keep pinned (user.vrange.pin), each process's pin of a "
+        "range counted once: bytes with an optional K, M, G or T suffix, or a percentage of "
+        "the memory cap; a pin past it fails with EDQUOT (default %(default)s)",
     )
     p.add_argument(
         "--log-file",

@@ -49,6 +49,7 @@ class MountConfig:
     high_watermark: float = 1.0
     low_watermark: float = 0.95
     pressure: PressureConfig | None = None
+    pin_limit: int | None = None  # bytes one user may keep pinned; None: half the cap
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, str] = {
     "pressure_purge": "on",
     "min_free": "5%",
     "pressure_interval": "0.5",
+    "pin_limit": "50%",
 }
 """Every setting with its default, as text; the long option is ``--`` + the name with dashes."""
 
@@ -81,6 +83,7 @@ OPTION_ALIASES: dict[str, str] = {
     "low_watermark": "low_watermark",
     "pressure_purge": "pressure_purge",
     "min_free": "min_free",
+    "pin_limit": "pin_limit",
 }
 """``-o NAME=VALUE`` options that set a setting (tmpfs's names where it has one)."""
 
@@ -318,6 +321,18 @@ def parse_min_free(setting: Setting, machine: Machine) -> int:
         raise _size_problem(setting, e) from None
 
 
+def parse_pin_limit(setting: Setting, cap: int) -> int:
+    """The bytes one user may keep pinned: a size, or a percentage of the memory cap."""
+    try:
+        return parse_size(setting.text, cap)
+    except ValueError:
+        raise setting.invalid(
+            "expected a positive number of bytes with an optional K/M/G/T suffix (powers of "
+            "1024), e.g. 256M, or a percentage of the memory cap above 0 and at most 100, "
+            "e.g. 50%"
+        ) from None
+
+
 def parse_interval(setting: Setting) -> float:
     """Seconds between memory readings: a finite number from MIN_INTERVAL to MAX_INTERVAL."""
     try:
@@ -364,6 +379,7 @@ def build_config(
         min_free=parse_min_free(settings["min_free"], machine),
         interval=parse_interval(settings["pressure_interval"]),
     )
+    pin_limit = parse_pin_limit(settings["pin_limit"], cap)
     root = sorted_options.root
     config = MountConfig(
         mountpoint=mountpoint,
@@ -373,6 +389,7 @@ def build_config(
         high_watermark=high,
         low_watermark=low,
         pressure=pressure if pressure_on else None,
+        pin_limit=pin_limit,
         root_mode=root.get("mode", 0o1777),
         root_uid=root.get("uid"),
         root_gid=root.get("gid"),

@@ -10,6 +10,16 @@ name answers ENODATA to getxattr and EINVAL to setxattr; a malformed value
 gives EINVAL or ERANGE and changes nothing.  Permission (write access to mark,
 read access to query) is enforced by the kernel before the request arrives,
 because the mount uses ``default_permissions``.
+
+Pins are the exception.  ``user.vrange.pin`` and ``unpin`` are set like the
+others, so the kernel demands write permission (its rule for every ``user.*``
+setxattr).  Readers pin through ``system.vrange.pin`` and ``unpin``: the
+kernel leaves the ``system.`` namespace to the filesystem, so these arrive
+unchecked, and the daemon checks read permission itself, on the caller's
+credentials (:class:`Pinner`, which the adapter finds out).  Pins act for the
+calling process, so unpinning needs no permission: a process can only drop
+its own pins.  On anything but a regular file or a directory a ``system.vrange.``
+pin answers EPERM, as the kernel answers any ``user.*`` setxattr there.
 """
 
 from __future__ import annotations
@@ -18,17 +28,28 @@ import errno
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from vrangefs import protocol
 from vrangefs.errors import FsError
-from vrangefs.inodes import ROOT_INO
+from vrangefs.inodes import ROOT_INO, Inode
 from vrangefs.protocol import PAGE_SIZE, PurgeCause
-from vrangefs.volume import XATTR_SIZE_MAX, Volume
+from vrangefs.volume import XATTR_SIZE_MAX, Caller, Volume
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True, slots=True)
+class Pinner:
+    """Who pins or unpins: the calling process (thread group) and its credentials."""
+
+    tgid: int
+    caller: Caller
+
+
 Getter = Callable[[Volume, int], bytes]
 Setter = Callable[[Volume, int, bytes], None]
+PinSetter = Callable[[Volume, int, bytes, Pinner], None]
 
 
 def _range_value(ino: int, name: bytes, value: bytes) -> tuple[int, int]:
@@ -60,6 +81,36 @@ def _set_purge(volume: Volume, ino: int, value: bytes) -> None:
     log.info("purge all: %d units purged", units)
 
 
+def _set_pin(volume: Volume, ino: int, value: bytes, pinner: Pinner) -> None:
+    offset, length = _range_value(ino, protocol.PIN_B, value)
+    volume.pin(ino, offset, length, pinner.tgid, pinner.caller.uid)
+
+
+def _set_unpin(volume: Volume, ino: int, value: bytes, pinner: Pinner) -> None:
+    offset, length = _range_value(ino, protocol.UNPIN_B, value)
+    volume.unpin(ino, offset, length, pinner.tgid)
+
+
+def _set_system_pin(volume: Volume, ino: int, value: bytes, pinner: Pinner) -> None:
+    inode = _system_target(volume, ino)
+    if not volume.may_read(inode, pinner.caller):
+        raise FsError(errno.EACCES, f"inode {ino}: pinning needs read permission")
+    _set_pin(volume, ino, value, pinner)
+
+
+def _set_system_unpin(volume: Volume, ino: int, value: bytes, pinner: Pinner) -> None:
+    _system_target(volume, ino)
+    _set_unpin(volume, ino, value, pinner)
+
+
+def _system_target(volume: Volume, ino: int) -> Inode:
+    """The kernel's rules for ``user.*`` names, which it does not apply to ``system.*``."""
+    inode = volume.inode(ino)
+    if not inode.is_dir and inode.data is None:
+        raise FsError(errno.EPERM, "pins on a symlink or special file")
+    return inode
+
+
 def _get_volatile(volume: Volume, ino: int) -> bytes:
     return _listing(ino, protocol.VOLATILE, volume.volatile_ranges(ino))
 
@@ -83,6 +134,20 @@ def _listing(ino: int, name: str, ranges: Iterator[tuple[int, int]]) -> bytes:
                 f"inode {ino}: {name} lists more than {XATTR_SIZE_MAX} bytes of ranges",
             )
     return bytes(out)
+
+
+def _get_pins(volume: Volume, ino: int) -> bytes:
+    """``OFFSET,LENGTH PID COUNT`` per pin; E2BIG past what an xattr holds, as _listing."""
+    value = protocol.format_pins(
+        protocol.PinLine(p.start * PAGE_SIZE, (p.end - p.start) * PAGE_SIZE, p.tgid, p.count)
+        for p in volume.pins(ino)
+    )
+    if len(value) > XATTR_SIZE_MAX:
+        raise FsError(
+            errno.E2BIG,
+            f"inode {ino}: {protocol.PINS} lists more than {XATTR_SIZE_MAX} bytes of pins",
+        )
+    return value
 
 
 def _get_stats(volume: Volume, ino: int) -> bytes:
@@ -141,12 +206,10 @@ def _root_only(ino: int, err: int) -> None:
         raise FsError(err, "only on the mount root")
 
 
-# Range names: regular files only (EISDIR on directories, EINVAL on others).
-_RANGE_NAMES = frozenset((protocol.VOLATILE_B, protocol.NONVOLATILE_B, protocol.PURGED_B))
-
 GETTERS: dict[bytes, Getter] = {
     protocol.VOLATILE_B: _get_volatile,
     protocol.PURGED_B: _get_purged,
+    protocol.PINS_B: _get_pins,
     protocol.STATS_B: _get_stats,
 }
 
@@ -156,9 +219,29 @@ SETTERS: dict[bytes, Setter] = {
     protocol.PURGE_B: _set_purge,
 }
 
+PIN_SETTERS: dict[bytes, PinSetter] = {
+    protocol.PIN_B: _set_pin,
+    protocol.UNPIN_B: _set_unpin,
+    protocol.SYSTEM_PIN_B: _set_system_pin,
+    protocol.SYSTEM_UNPIN_B: _set_system_unpin,
+}
+"""Names that act for the calling process: the adapter finds out who that is."""
+
+PINNING = frozenset((protocol.PIN_B, protocol.SYSTEM_PIN_B))
+
+# Range names: regular files only (EISDIR on directories, EINVAL on others).
+_RANGE_NAMES = frozenset(
+    (protocol.VOLATILE_B, protocol.NONVOLATILE_B, protocol.PURGED_B, protocol.PINS_B)
+) | frozenset(PIN_SETTERS)
+
 
 def is_control(name: bytes) -> bool:
-    return name.startswith(protocol.XATTR_PREFIX_B)
+    return name.startswith((protocol.XATTR_PREFIX_B, protocol.SYSTEM_PREFIX_B))
+
+
+def needs_pinner(name: bytes) -> bool:
+    """Whether setting *name* acts for the calling process (pin, unpin)."""
+    return name in PIN_SETTERS
 
 
 def _check_kind(volume: Volume, ino: int, name: bytes) -> None:
@@ -174,8 +257,17 @@ def getxattr(volume: Volume, ino: int, name: bytes) -> bytes:
     return getter(volume, ino)
 
 
-def setxattr(volume: Volume, ino: int, name: bytes, value: bytes) -> None:
+def setxattr(
+    volume: Volume, ino: int, name: bytes, value: bytes, pinner: Pinner | None = None
+) -> None:
+    """Set a control name; *pinner* is the caller, for the names that need one."""
     _check_kind(volume, ino, name)
+    pin_setter = PIN_SETTERS.get(name)
+    if pin_setter is not None:
+        if pinner is None:
+            raise FsError(errno.ESRCH, f"{name.decode()}: the calling process is unknown")
+        pin_setter(volume, ino, value, pinner)
+        return
     setter = SETTERS.get(name)
     if setter is None:
         raise FsError(errno.EINVAL, f"no writable attribute {name!r}")

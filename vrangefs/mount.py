@@ -57,6 +57,7 @@ def build(config: MountConfig) -> Operations:
         purged_reads_zeros=config.purged_reads_zeros,
         high_watermark=config.high_watermark,
         low_watermark=config.low_watermark,
+        pin_limit=config.pin_limit,
     )
     return Operations(volume, on_init=functools.partial(_served, config.mountpoint))
 

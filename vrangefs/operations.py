@@ -21,6 +21,7 @@ from vrangefs import control
 from vrangefs.errors import FsError
 from vrangefs.inodes import Inode
 from vrangefs.invalidation import Invalidator
+from vrangefs.owners import ProcessIdentifier
 from vrangefs.protocol import NONVOLATILE_B, PAGE_SIZE, PURGED_B, STATS_B, format_stats
 from vrangefs.volume import AttrChange, Caller, Volume
 
@@ -117,12 +118,14 @@ class Operations(pyfuse3.Operations):
         volume: Volume,
         on_init: Callable[[], None] | None = None,
         invalidate: Callable[[int], None] | None = None,
+        proc: str = "/proc",
     ) -> None:
         super().__init__()
         self.volume = volume
         self._on_init = on_init
         self.invalidator = Invalidator(invalidate or _invalidate_inode)
         volume.reclaim.listener = self.invalidator
+        self.processes = ProcessIdentifier(proc)
 
     def init(self) -> None:
         """The kernel's INIT request arrived: from now on requests are served."""
@@ -395,6 +398,9 @@ class Operations(pyfuse3.Operations):
         if FAULT_INJECTION and name == FAULT_XATTR and inode == pyfuse3.ROOT_INODE:
             _pending_faults.add(value.decode(errors="replace").strip())
             return
+        if control.needs_pinner(name):
+            await self._pin_request(inode, name, value, ctx)
+            return
         if name == NONVOLATILE_B:
             await self.invalidator.settled(inode)
         purged: set[int] = set()
@@ -403,6 +409,21 @@ class Operations(pyfuse3.Operations):
                 control.setxattr(self.volume, inode, name, value)
         finally:  # a purge returns once no stale page is left, failed or not
             await self.invalidator.settle(purged)
+
+    async def _pin_request(
+        self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        """Pin or unpin for the calling process (its thread group, not the thread).
+
+        A pin returns once the kernel caches nothing of the file that was purged
+        before it: pages read under the pin are then exactly what the file holds,
+        and ``user.vrange.purged`` read next tells the truth (it waits too).
+        """
+        process = self.processes.identify(ctx.pid)
+        caller = Caller(ctx.uid, ctx.gid, process.groups, process.privileged)
+        control.setxattr(self.volume, ino, name, value, control.Pinner(process.tgid, caller))
+        if name in control.PINNING:
+            await self.invalidator.settled(ino)
 
     @_handler
     async def listxattr(

@@ -216,8 +216,23 @@ def test_defaults() -> None:
         mountpoint="/mnt/x",
         memory_cap=8 * GiB,
         pressure=config.PressureConfig(min_free=8 * GiB * 5 // 100, interval=0.5),
+        pin_limit=4 * GiB,  # half the cap
     )
     assert warnings == []
+
+
+def test_pin_limit_is_a_size_or_a_share_of_the_cap() -> None:
+    assert build(pin_limit="256M")[0].pin_limit == 256 << 20
+    assert build(memory_cap="1G", pin_limit="25%")[0].pin_limit == GiB // 4
+    assert build(memory_cap="1G", options=("pin_limit=2G",))[0].pin_limit == 2 * GiB
+
+
+@pytest.mark.parametrize("text", ["0", "0%", "101%", "-5", "lots", ""])
+def test_bad_pin_limit(text: str) -> None:
+    with pytest.raises(UserError) as e:
+        build(pin_limit=text)
+    assert message(e).startswith(f"invalid --pin-limit {text!r}: expected a positive number")
+    assert "percentage of the memory cap" in message(e)
 
 
 # -- the command line, in-process -------------------------------------------------------------
