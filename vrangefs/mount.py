@@ -12,6 +12,7 @@ import faulthandler
 import functools
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -112,6 +113,7 @@ async def _serve(ops: Operations, config: MountConfig) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(ops.invalidator.run)
+        nursery.start_soon(ops.processes.run)
         if config.pressure is not None:
             nursery.start_soon(
                 pressure.watch,
@@ -142,6 +144,7 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     message when mounting failed.
     """
     faulthandler.register(signal.SIGUSR1, file=_log_stream(), all_threads=True)
+    _raise_fd_limit()
     ops = build(config)
     try:
         pyfuse3.init(ops, config.mountpoint, fuse_options(config))
@@ -165,6 +168,17 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     pyfuse3.close(unmount=True)
     log.info("unmounted %s", config.mountpoint)
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Take all the file descriptors allowed: the daemon holds one per process that holds
+    pins (its pidfd), and the usual soft limit of 1024 would refuse the 1000th."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the file descriptor limit from %d to %d: %s", soft, hard, e)
 
 
 def _log_stream() -> TextIO:

@@ -21,7 +21,7 @@ from vrangefs import control
 from vrangefs.errors import FsError
 from vrangefs.inodes import Inode
 from vrangefs.invalidation import Invalidator
-from vrangefs.owners import ProcessIdentifier
+from vrangefs.owners import ProcessWatcher
 from vrangefs.protocol import NONVOLATILE_B, PAGE_SIZE, PURGED_B, STATS_B, format_stats
 from vrangefs.volume import AttrChange, Caller, Volume
 
@@ -125,7 +125,13 @@ class Operations(pyfuse3.Operations):
         self._on_init = on_init
         self.invalidator = Invalidator(invalidate or _invalidate_inode)
         volume.reclaim.listener = self.invalidator
-        self.processes = ProcessIdentifier(proc)
+        self.processes = ProcessWatcher(self._process_exited, proc)
+        volume.reclaim.pins.listener = self.processes
+
+    def _process_exited(self, tgid: int) -> None:
+        """A process that held pins has exited: its pins go, its units are purgeable again."""
+        released = self.volume.release_owner(tgid)
+        log.debug("process %d exited: %d pins released", tgid, released)
 
     def init(self) -> None:
         """The kernel's INIT request arrived: from now on requests are served."""
@@ -421,8 +427,15 @@ class Operations(pyfuse3.Operations):
         """
         process = self.processes.identify(ctx.pid)
         caller = Caller(ctx.uid, ctx.gid, process.groups, process.privileged)
-        control.setxattr(self.volume, ino, name, value, control.Pinner(process.tgid, caller))
-        if name in control.PINNING:
+        pinning = name in control.PINNING
+        if pinning:  # watched before its pin is recorded: its exit cannot be missed
+            self.processes.watch(process.tgid)
+        try:
+            control.setxattr(self.volume, ino, name, value, control.Pinner(process.tgid, caller))
+        finally:
+            if pinning and not self.volume.reclaim.pins.holds(process.tgid):
+                self.processes.owner_gone(process.tgid)  # it pinned nothing after all
+        if pinning:
             await self.invalidator.settled(ino)
 
     @_handler

@@ -315,9 +315,11 @@ class Fs:
 
 @asynccontextmanager
 async def serving(fs: Fs) -> AsyncIterator[trio.Nursery]:
-    """Host the invalidator as the daemon does; yield a nursery for request tasks."""
+    """Host the invalidator and the process watcher as the daemon does; yield a nursery
+    for request tasks."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs.ops.invalidator.run)
+        nursery.start_soon(fs.ops.processes.run)
         await trio.testing.wait_all_tasks_blocked()
         try:
             yield nursery

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,9 +235,7 @@ def test_system_pin_needs_read_permission(
     fs = Fs()
     ino = file_of(fs, mode)
     tid = 777
-    ops = Operations(
-        fs.volume, invalidate=fs.hook, proc=fake_proc(tmp_path, tid, 9999, groups, caps)
-    )
+    ops = Operations(fs.volume, invalidate=fs.hook, proc=fake_proc(tmp_path, tid, ME, groups, caps))
     ctx = context(uid=uid, gid=gid, pid=tid)
 
     async def body() -> tuple[int | None, int | None]:
@@ -337,3 +336,114 @@ def test_pyfuse3_error_for_pins_is_a_fuse_error() -> None:
             await fs.ops.setxattr(f.ino, UNPIN_B, b"0,0", context(pid=ME))
 
     run(body)
+
+
+# -- process exit ------------------------------------------------------------------------------
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A child process that lives until killed (and is reaped afterwards)."""
+    child = subprocess.Popen(["sleep", "600"])
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def released(fs: Fs, tgid: int) -> None:
+    """Wait until the pins of *tgid* are gone: the kernel wakes the watcher, the test only
+    looks (within the one second the contract allows)."""
+    with trio.fail_after(1):
+        while fs.volume.reclaim.pins.holds(tgid):
+            await trio.sleep(0.001)
+
+
+def test_the_pins_of_a_killed_process_go_at_once(sleeper: subprocess.Popen[bytes]) -> None:
+    fs = Fs()
+    theirs = context(pid=sleeper.pid)
+
+    async def body() -> None:
+        async with serving(fs):
+            f = await fs.volatile_file(b"f", 2)
+            g = await fs.volatile_file(b"g", 1, first=2)
+            await fs.ops.setxattr(f.ino, PIN_B, b"0,0", theirs)
+            await fs.ops.setxattr(f.ino, PIN_B, b"0,0", theirs)
+            await fs.ops.setxattr(g.ino, PIN_B, b"0,0", theirs)
+            await fs.ops.setxattr(g.ino, PIN_B, b"0,0", context(pid=ME))
+            assert len(fs.ops.processes) == 2
+            sleeper.kill()
+            await released(fs, sleeper.pid)
+            assert len(fs.ops.processes) == 1
+            assert await pins(fs, f.ino) == [] and await pins(fs, g.ino) == [(0, P, ME, 1)]
+            await fs.purge_all()
+            assert await fs.purged(f.ino) == b"0,8192\n"  # purgeable again
+            assert await fs.purged(g.ino) == b""  # still pinned by this process
+            stats = await fs.stats()
+            assert (stats["pins"], stats["pins_released_by_exit"]) == (1, 3)
+
+    run(body)
+    fs.volume.check_invariants()
+
+
+def test_a_process_is_watched_only_while_it_holds_pins(sleeper: subprocess.Popen[bytes]) -> None:
+    fs = Fs(cap_pages=8)
+    theirs = context(pid=sleeper.pid)
+
+    async def body() -> list[int]:
+        watched = []
+        async with serving(fs):
+            f = await fs.volatile_file(b"f", 2)
+            empty = await fs.create(b"empty")
+            await fs.ops.setxattr(f.ino, PIN_B, b"0,0", theirs)
+            watched.append(len(fs.ops.processes))
+            await fs.ops.setxattr(f.ino, UNPIN_B, b"0,0", theirs)
+            watched.append(len(fs.ops.processes))
+            assert await errno_of(fs.ops.setxattr(f.ino, PIN_B, b"0,1M", theirs)) == errno.EDQUOT
+            watched.append(len(fs.ops.processes))
+            await fs.ops.setxattr(empty.ino, PIN_B, b"0,0", theirs)  # pins nothing
+            watched.append(len(fs.ops.processes))
+            await fs.ops.setxattr(f.ino, PIN_B, b"0,0", theirs)
+            await fs.ops.unlink(ROOT, b"f", fs.ctx)
+            await fs.ops.release(f.fh)
+            await fs.ops.forget([(pyfuse3.InodeT(f.ino), 1)])  # the file is freed: its pins go
+            watched.append(len(fs.ops.processes))
+        return watched
+
+    assert run(body) == [1, 0, 0, 0, 0]
+    assert fs.volume.reclaim.pins.released_by_exit == 0
+
+
+def test_a_process_that_died_in_its_request_loses_the_pin_at_once() -> None:
+    """The caller is killed while its pin is in flight: it is a zombie when the daemon opens
+    its pidfd, which is readable at once."""
+    fs = Fs()
+    child = subprocess.Popen(["sleep", "600"])
+    child.kill()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped: a zombie
+
+    async def body() -> None:
+        async with serving(fs):
+            f = await fs.volatile_file(b"f", 1)
+            await fs.ops.setxattr(f.ino, PIN_B, b"0,0", context(pid=child.pid))
+            await released(fs, child.pid)
+
+    try:
+        run(body)
+    finally:
+        child.wait()
+    assert fs.volume.reclaim.pins.released_by_exit == 1
+    fs.volume.check_invariants()
+
+
+def test_exits_while_not_served_are_seen_once_serving(sleeper: subprocess.Popen[bytes]) -> None:
+    fs = Fs()
+
+    async def body() -> None:
+        f = await fs.volatile_file(b"f", 1)
+        await fs.ops.setxattr(f.ino, PIN_B, b"0,0", context(pid=sleeper.pid))
+        sleeper.kill()
+        async with serving(fs):
+            await released(fs, sleeper.pid)
+
+    run(body)
+    assert len(fs.ops.processes) == 0

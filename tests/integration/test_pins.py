@@ -8,17 +8,24 @@ The names and formats are spelled out from the contract (``user.vrange.pin``, ``
 from __future__ import annotations
 
 import errno
+import faulthandler
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.integration.conftest import Mount, Mounter, errno_of
 from tests.integration.vrange_helpers import (
     PAGE,
     as_nobody,
     errno_or_value,
+    in_child,
     make_file,
     mark,
     module_mount,
@@ -192,3 +199,128 @@ def test_the_per_user_limit(mounter: Mounter) -> None:
     unpin(f, "0,32K")
     unpin(f, "0,32K")
     pin(g, "16K,16K")
+
+
+# -- processes -----------------------------------------------------------------------------------
+def _pin_all(path: Path, values: tuple[str, ...]) -> None:
+    for value in values:
+        pin(path, value)
+
+
+class Holder:
+    """A forked child that pins a file, reports, and then waits to be told how to end."""
+
+    def __init__(self, path: Path, values: tuple[str, ...] = ("0,0",), thread: bool = False):
+        ready_r, ready_w = os.pipe()
+        self.cmd_r, self.cmd_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: pins, then obeys one command
+            code = 1
+            try:
+                faulthandler.disable()  # die of the signal itself, silently
+                os.close(ready_r)
+                os.close(self.cmd_w)
+                pin_all = partial(_pin_all, path, values)
+                if thread:  # the pin is taken by another thread of the process
+                    worker = threading.Thread(target=pin_all)
+                    worker.start()
+                    worker.join()
+                else:
+                    pin_all()
+                os.write(ready_w, b"%d" % os.getpid())
+                command = os.read(self.cmd_r, 16)
+                if command == b"exit":
+                    code = 0
+                elif command == b"raise":
+                    os.abort()  # SIGABRT, as a crash
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        os.close(self.cmd_r)
+        self.pid = pid
+        reply = os.read(ready_r, 32)
+        os.close(ready_r)
+        assert reply == b"%d" % pid, f"holder {pid} did not pin: {reply!r}"
+
+    def end(self, how: str) -> int:
+        """End the child (``exit``, ``raise`` or a signal name); returns its wait status."""
+        if how in ("exit", "raise"):
+            os.write(self.cmd_w, how.encode())
+        else:
+            os.kill(self.pid, getattr(signal, how))
+        os.close(self.cmd_w)
+        _, status = os.waitpid(self.pid, 0)
+        return status
+
+
+def pins_gone_within(path: Path, pid: int, seconds: float = 1.0) -> float:
+    """Seconds until *pid* holds no pin on *path*; fails after *seconds*."""
+    start = time.monotonic()
+    wait_until(lambda: all(p[2] != pid for p in pins(path)), seconds, f"pins of {pid} gone")
+    return time.monotonic() - start
+
+
+@pytest.mark.parametrize("how", ["exit", "raise", "SIGTERM", "SIGKILL"])
+def test_the_pins_of_a_process_go_within_a_second_of_its_exit(
+    mount: Mount, area: Path, how: str
+) -> None:
+    f = volatile_file(area / "f", 3)
+    holder = Holder(f, ("0,0", "0,0", "4096,1"))
+    assert pins(f) == [(0, 3 * PAGE, holder.pid, 2), (PAGE, PAGE, holder.pid, 1)]
+    released_before = stats(mount.path)["pins_released_by_exit"]
+    purge_all(mount.path)
+    assert purged(f) == []
+    start = time.monotonic()
+    holder.end(how)
+    pins_gone_within(f, holder.pid)
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.0, f"pins gone {elapsed:.3f} s after the exit"
+    assert stats(mount.path)["pins_released_by_exit"] - released_before == 3
+    purge_all(mount.path)  # the unit is purgeable again
+    assert purged(f) == [(0, 3 * PAGE)]
+
+
+def test_a_threads_pin_belongs_to_its_process(mount: Mount, area: Path) -> None:
+    f = volatile_file(area / "f", 2)
+    holder = Holder(f, ("0,0",), thread=True)
+    assert pins(f) == [(0, 2 * PAGE, holder.pid, 1)]  # the process, not the thread
+    purge_all(mount.path)
+    assert purged(f) == []  # the thread is gone, the pin stays with its process
+    holder.end("SIGKILL")
+    pins_gone_within(f, holder.pid)
+
+
+def test_a_child_does_not_inherit_its_parents_pins(mount: Mount, area: Path) -> None:
+    f = volatile_file(area / "f", 2)
+    pin(f)
+    try:
+
+        def child() -> object:
+            return {
+                "unpin": errno_or_value(lambda: unpin(f)),
+                "pins": pins(f),
+            }
+
+        result = in_child(child)
+        assert result == {"unpin": {"errno": errno.ENOENT}, "pins": [[0, 2 * PAGE, os.getpid(), 1]]}
+        assert pins(f) == [(0, 2 * PAGE, os.getpid(), 1)]  # the child's exit took nothing
+        purge_all(mount.path)
+        assert purged(f) == []
+    finally:
+        unpin(f)
+
+
+def test_two_processes_share_a_unit(mount: Mount, area: Path) -> None:
+    """A pins, B pins, A unpins: purge-all leaves the unit; B unpins: it is purged."""
+    f = volatile_file(area / "f", 4)
+    a = Holder(f)
+    b = Holder(f, ("4K,4K",))
+    assert [p[2] for p in pins(f)] == sorted([a.pid, b.pid], key=lambda pid: pid != a.pid)
+    a.end("SIGKILL")
+    pins_gone_within(f, a.pid)
+    purge_all(mount.path)
+    assert purged(f) == []  # B's pin of one page holds the whole unit
+    b.end("exit")
+    pins_gone_within(f, b.pid)
+    purge_all(mount.path)
+    assert purged(f) == [(0, 4 * PAGE)]
