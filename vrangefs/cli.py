@@ -186,10 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.set_defaults(func=func)
 
-    text = "show the size, resident data, volatile units and purged ranges of files"
+    text = "show the size, resident data, volatile units, purged ranges and pins of files"
     p = sub.add_parser("status", help=text, description=text)
     p.add_argument("files", nargs="+", metavar="FILE", help="files on a vrangefs mount")
     p.set_defaults(func=rangetools.cmd_status)
+
+    text = (
+        "show the live pins of files (user.vrange.pins): the pinned range, the pid of the "
+        "process holding it and how many times it holds it"
+    )
+    p = sub.add_parser("pins", help=text, description=text)
+    p.add_argument("files", nargs="+", metavar="FILE", help="files on a vrangefs mount")
+    p.set_defaults(func=rangetools.cmd_pins)
 
     text = "show a mount's statistics (user.vrange.stats), byte counts also in binary units"
     p = sub.add_parser("stats", help=text, description=text)

@@ -1,4 +1,4 @@
-"""Python client for applications: mark ranges of vrangefs files volatile and back.
+"""Python client for applications: mark ranges of vrangefs files volatile and back, and pin them.
 
 Every function takes a path or an open file descriptor.  Offsets and lengths
 are in bytes; a length of 0 means "through the end of the file".  Example::
@@ -6,12 +6,12 @@ are in bytes; a length of 0 means "through the end of the file".  Example::
     from vrangefs import client
 
     with open("/mnt/cache/thumb.png", "rb") as f:
-        with client.pinned(f.fileno()) as pin:   # non-volatile while inside
+        with client.pinned(f.fileno()) as pin:   # nothing purges it while inside
             if pin.intact:
                 data = f.read()
             else:
                 data = regenerate()
-    # on exit the whole file is volatile again
+    # unpinned: purgeable again if it is volatile
 
 The functions refuse files that are not on a vrangefs mount
 (:class:`NotVrangefsError`): on another filesystem a ``user.vrange.*``
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vrangefs import mountinfo, protocol
-from vrangefs.protocol import PAGE_SIZE
+from vrangefs.protocol import PAGE_SIZE, PinLine
 
 Target = str | os.PathLike[str] | int
 Range = tuple[int, int]
@@ -95,15 +95,7 @@ def mark_nonvolatile(target: Target, offset: int = 0, length: int = 0) -> list[R
     """
     _set(target, protocol.NONVOLATILE, _range_value(offset, length))
     pages = protocol.nonvolatile_pages(offset, length, _size(target))
-    if pages is None:
-        return []
-    lo, hi = pages[0] * PAGE_SIZE, pages[1] * PAGE_SIZE
-    out = []
-    for start, size in purged(target):
-        a, b = max(start, lo), min(start + size, hi)
-        if a < b:
-            out.append((a, b - a))
-    return out
+    return [] if pages is None else _purged_in(target, *pages)
 
 
 def purged(target: Target) -> list[Range]:
@@ -114,6 +106,55 @@ def purged(target: Target) -> list[Range]:
 def volatile_ranges(target: Target) -> list[Range]:
     """The file's volatile ranges, one per purge unit, purged ones included."""
     return protocol.parse_ranges(_get(target, protocol.VOLATILE))
+
+
+def _purged_in(target: Target, first: int, end: int) -> list[Range]:
+    """The purged byte ranges of the file inside pages [first, end)."""
+    lo, hi = first * PAGE_SIZE, end * PAGE_SIZE
+    out = []
+    for start, size in purged(target):
+        a, b = max(start, lo), min(start + size, hi)
+        if a < b:
+            out.append((a, b - a))
+    return out
+
+
+def pin(target: Target, offset: int = 0, length: int = 0) -> None:
+    """This process takes one more pin on every page touching the range.
+
+    Nothing purges a pinned page: a volatile unit holding one is skipped whole
+    until its pins are gone.  Pins are counted (each needs its own
+    :func:`unpin`), belong to the calling process (not inherited by children)
+    and go when it exits.  Needs read permission on the file: the pin is set
+    through ``system.vrange.pin``, which the daemon checks, falling back to
+    ``user.vrange.pin`` (write permission) where a security module refuses the
+    ``system.`` name.  OSError EDQUOT past the per-user limit.
+    """
+    _set_pin(target, protocol.SYSTEM_PIN, protocol.PIN, offset, length)
+
+
+def unpin(target: Target, offset: int = 0, length: int = 0) -> None:
+    """Drop one pin of this process on exactly the pages the range names (as :func:`pin`).
+
+    OSError ENOENT, changing nothing, if the process holds no pin there.
+    """
+    _set_pin(target, protocol.SYSTEM_UNPIN, protocol.UNPIN, offset, length)
+
+
+def _set_pin(target: Target, name: str, fallback: str, offset: int, length: int) -> None:
+    value = _range_value(offset, length)
+    _check(target)
+    try:
+        os.setxattr(target, name, value)
+    except OSError as e:
+        if e.errno != errno.EPERM:
+            raise
+        os.setxattr(target, fallback, value)  # refused by a security module: try user.*
+
+
+def pins(target: Target) -> list[PinLine]:
+    """The file's live pins: ``PinLine(offset, length, pid, count)``, sorted by offset."""
+    return protocol.parse_pins(_get(target, protocol.PINS))
 
 
 def stats(mountpoint: str | os.PathLike[str]) -> dict[str, int | str]:
@@ -143,7 +184,7 @@ def fvrange(fd: int, start: int, length: int, mode: int) -> int:
 
 @dataclass
 class Pin:
-    """What :func:`pinned` found when it made the range non-volatile."""
+    """What :func:`pinned` found once it held the range."""
 
     purged: list[Range] = field(default_factory=list)
 
@@ -155,20 +196,34 @@ class Pin:
 
 @contextmanager
 def pinned(target: Target, offset: int = 0, length: int = 0) -> Iterator[Pin]:
-    """Keep a range non-volatile inside the block; make it volatile again on exit.
+    """Hold a real, counted pin of this process on the range inside the block.
 
-    The yielded :class:`Pin` tells whether the content survived.  Rewrite
-    purged pages inside the block if you want them back: a write makes a
-    purged page data again.
+    On entry it pins (:func:`pin`), then reads what was purged in the pinned
+    pages: the yielded :class:`Pin` tells whether the content survived, and the
+    answer is final while the block runs (nothing purges a pinned page).  On
+    exit, however the block is left, it drops that pin.  Volatility is not
+    changed: a volatile range is purgeable again once no process pins it.
+    Rewrite purged pages inside the block if you want them back: a write makes
+    a purged page data again.
 
-    Volatility belongs to the inode and pins are not counted: if two processes
-    pin the same range, the first to leave makes it volatile again under the
-    other, as with the kernel proposal's fvrange().  Processes sharing objects
-    need their own count, e.g. shared flocks with the last one out marking
-    (examples/cachestore does that).
+    Pins are counted and owned by the process, so several processes (or
+    nested blocks) can hold one range and none unpins it under another.
+    LENGTH 0 is resolved here to the file's size at entry, so the exit unpins
+    exactly the pages the entry pinned even if the file grows or shrinks; a
+    range that holds no page (an empty file) pins nothing.
     """
-    pin = Pin(mark_nonvolatile(target, offset, length))
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must not be negative: {offset}, {length}")
+    if length == 0:
+        length = max(_size(target) - offset, 0)
+        if length == 0:
+            _check(target)
+            yield Pin([])
+            return
+    pin(target, offset, length)
     try:
-        yield pin
+        first, end = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
+        held = Pin(_purged_in(target, first, end))
+        yield held
     finally:
-        mark_volatile(target, offset, length)
+        unpin(target, offset, length)

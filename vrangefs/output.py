@@ -14,6 +14,7 @@ from vrangefs.protocol import PurgeCause
 
 _RENAMED = {"memory_cap": "memory_cap_bytes"}
 _COUNTERS = (("purged_bytes", "bytes purged"), ("purge_events", "units purged"))
+_PLAIN_COUNTERS = {"pins_released_by_exit": "pins dropped because their process exited"}
 
 
 def size(n: int) -> str:
@@ -58,11 +59,16 @@ class _StatsCollector(Collector):
                     counter.add_metric([self.mountpoint, cause.value], value)
             metrics.append(counter)
         for key, value in self.stats.items():
-            if (
-                not isinstance(value, int)
-                or key == "pid"
-                or key.startswith(tuple(prefix for prefix, _ in _COUNTERS))
-            ):
+            if not isinstance(value, int) or key == "pid":
+                continue
+            if key in _PLAIN_COUNTERS:
+                counter = CounterMetricFamily(
+                    f"vrangefs_{key}", f"{_PLAIN_COUNTERS[key]}, since mount", labels=["mountpoint"]
+                )
+                counter.add_metric([self.mountpoint], value)
+                metrics.append(counter)
+                continue
+            if key.startswith(tuple(prefix for prefix, _ in _COUNTERS)):
                 continue
             gauge = GaugeMetricFamily(
                 f"vrangefs_{_RENAMED.get(key, key)}",

@@ -1,4 +1,5 @@
-"""The range tools: ``vrangefs volatile``, ``nonvolatile``, ``status``, ``stats`` and ``purge``.
+"""The range tools: ``vrangefs volatile``, ``nonvolatile``, ``status``, ``pins``, ``stats`` and
+``purge``.
 
 Each is a thin layer over :mod:`vrangefs.client`; failures become one-line
 :class:`~vrangefs.config.UserError` messages naming the file.
@@ -57,6 +58,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             units = client.volatile_ranges(path)
             lost = client.purged(path)
+            pins = client.pins(path)
             st = os.stat(path)
         except OSError as e:
             print(f"vrangefs: cannot read the status of {path}: {e.strerror or e}", file=sys.stderr)
@@ -65,14 +67,42 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(
             f"{path}: size {st.st_size} ({output.size(st.st_size)}), "
             f"resident {output.size(st.st_blocks * 512)}, {len(units)} volatile unit(s), "
-            f"{len(lost)} purged range(s)"
+            f"{len(lost)} purged range(s), {sum(p.count for p in pins)} pin(s)"
         )
-        rows = [("volatile", start, length) for start, length in units]
-        rows += [("purged", start, length) for start, length in lost]
+        rows = [("volatile", start, length, "") for start, length in units]
+        rows += [("purged", start, length, "") for start, length in lost]
+        rows += [("pinned", p.offset, p.length, _holder(p)) for p in pins]
         if rows:
             print(f"  {'kind':<9} {'offset':>14} {'length':>14}  size")
-            for kind, start, length in sorted(rows, key=lambda r: (r[1], r[0])):
-                print(f"  {kind:<9} {start:>14} {length:>14}  {output.size(length)}")
+            for kind, start, length, note in sorted(rows, key=lambda r: (r[1], r[0], r[3])):
+                line = f"  {kind:<9} {start:>14} {length:>14}  {output.size(length)}"
+                print(f"{line:<52}{note}".rstrip())
+    return status
+
+
+def _holder(pin: protocol.PinLine) -> str:
+    return f"pid {pin.pid}" + (f", {pin.count} times" if pin.count > 1 else "")
+
+
+def cmd_pins(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            pins = client.pins(path)
+        except OSError as e:
+            print(f"vrangefs: cannot read the pins of {path}: {e.strerror or e}", file=sys.stderr)
+            status = 1
+            continue
+        if not pins:
+            print(f"{path}: no pins")
+            continue
+        print(f"{path}: {sum(p.count for p in pins)} pin(s)")
+        print(f"  {'offset':>14} {'length':>14}  {'size':<10} {'pid':>8} {'count':>6}")
+        for p in pins:
+            print(
+                f"  {p.offset:>14} {p.length:>14}  {output.size(p.length):<10} "
+                f"{p.pid:>8} {p.count:>6}"
+            )
     return status
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from tests.integration.conftest import Mount, Mounter, errno_of
+from tests.integration.conftest import Mount, Mounter, errno_of, run_cli
 from tests.integration.vrange_helpers import (
     PAGE,
     as_nobody,
@@ -324,3 +324,53 @@ def test_two_processes_share_a_unit(mount: Mount, area: Path) -> None:
     pins_gone_within(f, b.pid)
     purge_all(mount.path)
     assert purged(f) == [(0, 4 * PAGE)]
+
+
+# -- the command line and the client ----------------------------------------------------------
+def test_vrangefs_pins_and_status_show_the_pins(mount: Mount, area: Path) -> None:
+    f = volatile_file(area / "f", 3)
+    g = volatile_file(area / "g", 1)
+    holder = Holder(f, ("0,0", "0,0"))
+    pin(f, "4K,1")
+    try:
+        result = run_cli(["pins", str(f), str(g)])
+        assert (result.returncode, result.stderr) == (0, "")
+        lines = result.stdout.splitlines()
+        assert lines[0] == f"{f}: 3 pin(s)"
+        rows = [line.split() for line in lines[2:4]]
+        assert [(r[0], r[1], r[4], r[5]) for r in rows] == [
+            ("0", str(3 * PAGE), str(holder.pid), "2"),
+            (str(PAGE), str(PAGE), str(os.getpid()), "1"),
+        ]
+        assert lines[4] == f"{g}: no pins"
+        status = run_cli(["status", str(f)])
+        assert status.returncode == 0
+        assert "1 volatile unit(s), 0 purged range(s), 3 pin(s)" in status.stdout
+        assert f"pid {holder.pid}, 2 times" in status.stdout
+        missing = run_cli(["pins", str(area / "missing")])
+        assert missing.returncode == 1 and "cannot read the pins of" in missing.stderr
+    finally:
+        holder.end("SIGKILL")
+        unpin(f, "4K,1")
+
+
+def test_a_reader_uses_client_pinned(mount: Mount, area: Path) -> None:
+    f = volatile_file(area / "f", 2, mode=0o644)
+
+    def reader() -> object:
+        from vrangefs import client  # noqa: PLC0415 (the package under test, in the child)
+
+        with client.pinned(f) as held:
+            purge_all_refused = errno_or_value(lambda: purge_all(mount.path))
+            return {
+                "intact": held.intact,
+                "pins": [(p.offset, p.length, p.count) for p in client.pins(f)],
+                "purge": purge_all_refused,
+            }
+
+    assert as_nobody(reader) == {
+        "intact": True,
+        "pins": [[0, 2 * PAGE, 1]],
+        "purge": {"errno": errno.EPERM},
+    }
+    assert pins(f) == []

@@ -1,10 +1,12 @@
 """The Python client (``vrangefs.client``) against a real mount: path and fd forms,
-purged ranges from mark_nonvolatile, the RFC-shaped fvrange(), pinned(), and refusal of
-files that are not on vrangefs.  The filesystem's own xattrs are the reference.
+purged ranges from mark_nonvolatile, the RFC-shaped fvrange(), pin(), unpin(), pins() and
+pinned(), and refusal of files that are not on vrangefs.  The filesystem's own xattrs are
+the reference.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,30 +100,70 @@ def test_fvrange_returns_whether_anything_was_purged(mnt: Mount, f: Path) -> Non
     assert volatile(f) == []
 
 
-def test_pinned_reports_intact_and_makes_the_range_volatile_again(mnt: Mount, f: Path) -> None:
+def pinned_rows(target: Path | int) -> list[tuple[int, int, int, int]]:
+    return [(p.offset, p.length, p.pid, p.count) for p in client.pins(target)]
+
+
+def test_pinned_holds_a_real_counted_pin_and_changes_no_volatility(mnt: Mount, f: Path) -> None:
+    me = os.getpid()
     client.mark_volatile(f)
     with client.pinned(f, 2 * PAGE, 2 * PAGE) as pin:
         assert pin.intact and pin.purged == []
-        assert volatile(f) == [(0, 2 * PAGE), (4 * PAGE, 4 * PAGE)]  # split around the pin
-        purge_all(mnt.path)  # the pinned pages survive
-        assert purged(f) == [(0, 2 * PAGE), (4 * PAGE, 4 * PAGE)]
-        with f.open("rb") as reader:
-            reader.seek(2 * PAGE)
-            assert reader.read(2 * PAGE) == pattern(8)[2 * PAGE : 4 * PAGE]
-    assert volatile(f) == [(0, 2 * PAGE), (2 * PAGE, 2 * PAGE), (4 * PAGE, 4 * PAGE)]
+        assert volatile(f) == [(0, 8 * PAGE)]  # not split, not changed
+        assert pinned_rows(f) == [(2 * PAGE, 2 * PAGE, me, 1)]
+        purge_all(mnt.path)  # the unit holding the pinned pages is skipped whole
+        assert purged(f) == []
+        with client.pinned(f, 2 * PAGE, 2 * PAGE) as inner:  # nested: counted
+            assert inner.intact
+            assert pinned_rows(f) == [(2 * PAGE, 2 * PAGE, me, 2)]
+        assert pinned_rows(f) == [(2 * PAGE, 2 * PAGE, me, 1)]
+    assert pinned_rows(f) == []
+    purge_all(mnt.path)
+    assert purged(f) == [(0, 8 * PAGE)]
 
     with f.open("r+b") as fh, client.pinned(fh.fileno()) as pin:
         assert not pin.intact
-        assert pin.purged == [(0, 2 * PAGE), (4 * PAGE, 4 * PAGE)]
-        assert volatile(f) == []
+        assert pin.purged == [(0, 8 * PAGE)]
         fh.write(pattern(8))  # regenerate while pinned
+        fh.flush()
+        purge_all(mnt.path)
+        assert client.purged(fh.fileno()) == []
     assert volatile(f) == [(0, 8 * PAGE)]
-    assert purged(f) == []
+    assert pinned_rows(f) == []
 
-    with pytest.raises(RuntimeError), client.pinned(f) as pin:  # volatile again on errors too
+    with pytest.raises(RuntimeError), client.pinned(f) as pin:  # unpinned on errors too
         assert pin.intact
         raise RuntimeError("the user's code failed")
-    assert volatile(f) == [(0, 8 * PAGE)]
+    assert pinned_rows(f) == []
+
+    with client.pinned(f) as pin:  # the file grows inside: the exit unpins what was pinned
+        with f.open("ab") as grow:
+            grow.write(pattern(1))
+        assert pinned_rows(f) == [(0, 8 * PAGE, me, 1)]
+    assert pinned_rows(f) == []
+
+    empty = f.with_name("empty")
+    empty.write_bytes(b"")
+    with client.pinned(empty) as pin:  # no page to pin
+        assert pin.intact and pinned_rows(empty) == []
+
+
+def test_pin_unpin_and_pins(f: Path) -> None:
+    me = os.getpid()
+    with f.open("rb") as fh:
+        client.pin(fh.fileno(), 1, 1)
+        client.pin(f, 0, PAGE)
+        client.pin(f, 3 * PAGE, 0)
+        assert pinned_rows(f) == [(0, PAGE, me, 2), (3 * PAGE, 5 * PAGE, me, 1)]
+        with pytest.raises(OSError) as err:
+            client.unpin(f, 0, 2 * PAGE)
+        assert err.value.errno == errno.ENOENT
+        client.unpin(fh.fileno(), 0, 1)
+        client.unpin(f, 4095, 1)
+        client.unpin(f, 3 * PAGE, 5 * PAGE)
+    assert pinned_rows(f) == []
+    with pytest.raises(ValueError):
+        client.pin(f, -1, 0)
 
 
 def test_files_not_on_vrangefs_are_refused(tmp_path: Path) -> None:
@@ -139,6 +181,9 @@ def test_files_not_on_vrangefs_are_refused(tmp_path: Path) -> None:
             lambda: client.fvrange(fd, 0, 0, client.VRANGE_NONVOLATILE),
             lambda: client.stats(tmp_path),
             lambda: client.purge_all(tmp_path),
+            lambda: client.pin(other),
+            lambda: client.unpin(fd),
+            lambda: client.pins(other),
         ]
         for i, call in enumerate(calls):
             with pytest.raises(client.NotVrangefsError) as err:
