@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -73,6 +74,10 @@ METRICS: list[tuple[str, str]] = [
 
 class BenchError(Exception):
     """A step failed; the message says which and why."""
+
+
+def window_key(kb: int) -> str:
+    return f"read_cold_{kb}k_MBps"
 
 
 def parse_size(text: str) -> int:
@@ -167,15 +172,29 @@ class Target:
     def stats(self) -> dict[str, int | str]:
         return {}
 
-    def read_ahead_kb(self) -> int | None:
-        """The mount's readahead window (sysfs), or None where it has none of its own."""
+    def _window(self) -> Path | None:
         entry = mountinfo.find(self.mountpoint)
         if entry is None or entry.major != 0:
             return None
+        path = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+        return path if path.exists() else None
+
+    def read_ahead_kb(self) -> int | None:
+        """The mount's readahead window (sysfs), or None where it has none of its own."""
+        path = self._window()
         try:
-            return int(Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb").read_text())
+            return None if path is None else int(path.read_text())
         except (OSError, ValueError):
             return None
+
+    def set_read_ahead_kb(self, kb: int) -> None:
+        """Set the mount's readahead window, if it has one (tmpfs has none)."""
+        path = self._window()
+        if path is not None:
+            try:
+                path.write_text(f"{kb}\n")
+            except OSError as exc:
+                raise BenchError(f"cannot set the readahead window: {exc}") from exc
 
     def unmount(self) -> None:
         raise NotImplementedError
@@ -372,6 +391,7 @@ class Bench:
         self.dd_timeout = 60 + self.size / (20 * MB)
         self.loop_timeout = 120 + max(self.files * 5, self.random_reads, self.trap_writes) / 200
         self.watch: LoadWatch | None = None
+        self.read_windows: list[int] = opts.read_windows
 
     def measure(self, target: Target, run_index: int) -> dict[str, Any]:
         """One run of every figure on *target*; leaves no files behind."""
@@ -414,6 +434,17 @@ class Bench:
         res["read_cold_MBps"] = self.size / t / MB
         t = timed(lambda: dd(read, self.size, self.dd_timeout, "sequential read (hot)"))
         res["read_hot_MBps"] = self.size / t / MB
+        window = target.read_ahead_kb()
+        try:
+            for kb in self.read_windows:
+                target.set_read_ahead_kb(kb)
+                drop_caches()
+                what = f"sequential read (cold, {kb} KiB window)"
+                t = timed(functools.partial(dd, read, self.size, self.dd_timeout, what))
+                res[window_key(kb)] = self.size / t / MB
+        finally:
+            if window is not None:
+                target.set_read_ahead_kb(window)
 
         rand = [
             "randread",
@@ -589,6 +620,12 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
         help="also run the ceiling with no cap on request tasks, as vrangefs (ceiling-mt)",
     )
     parser.add_argument("--memory-cap", default="2G", help="vrangefs --memory-cap (default 2G)")
+    parser.add_argument(
+        "--read-windows",
+        default="",
+        metavar="KB[,KB...]",
+        help="also read cold with each of these readahead windows (KiB) on every FUSE mount",
+    )
     add_wait_quiet(parser)
     parser.add_argument("--json", type=Path, help="write every raw number here")
     opts = parser.parse_args(args)
@@ -597,6 +634,15 @@ def parse_args(args: list[str] | None) -> argparse.Namespace:
         opts.only.append("ceiling-dio")
     if opts.ceiling_mt and "ceiling-mt" not in opts.only:
         opts.only.append("ceiling-mt")
+    try:
+        opts.read_windows = [int(kb) for kb in opts.read_windows.split(",") if kb.strip()]
+    except ValueError:
+        parser.error("--read-windows takes whole KiB, comma-separated")
+    if any(kb < 4 for kb in opts.read_windows):
+        parser.error("--read-windows: each window is at least 4 KiB")
+    at = next(i for i, (key, _) in enumerate(METRICS) if key == "read_cold_MBps") + 1
+    for n, kb in enumerate(opts.read_windows):
+        METRICS.insert(at + n, (window_key(kb), f"  ... with a {kb} KiB window (MB/s)"))
     unknown = set(opts.only) - set(FILESYSTEMS)
     if unknown:
         parser.error(f"unknown filesystem(s) {sorted(unknown)}; known: {FILESYSTEMS}")
@@ -772,6 +818,7 @@ def report(
                 "filesystems": opts.only,
                 "interrupted": interrupted,
                 "wait_quiet": opts.wait_quiet,
+                "read_windows": opts.read_windows,
             },
             "load": {"loadavg_1min": watch.loadavg, "others_seen": list(watch.seen)},
             "environment": environment(),
