@@ -228,6 +228,8 @@ PIN_SETTERS: dict[bytes, PinSetter] = {
 """Names that act for the calling process: the adapter finds out who that is."""
 
 PINNING = frozenset((protocol.PIN_B, protocol.SYSTEM_PIN_B))
+READ_CHECKED = frozenset((protocol.SYSTEM_PIN_B,))
+"""Names whose read permission the daemon checks: the pinner's groups and privilege count."""
 
 # Range names: regular files only (EISDIR on directories, EINVAL on others).
 _RANGE_NAMES = frozenset(

@@ -425,7 +425,7 @@ class Operations(pyfuse3.Operations):
         before it: pages read under the pin are then exactly what the file holds,
         and ``user.vrange.purged`` read next tells the truth (it waits too).
         """
-        process = self.processes.identify(ctx.pid)
+        process = self.processes.identify(ctx.pid, credentials=name in control.READ_CHECKED)
         caller = Caller(ctx.uid, ctx.gid, process.groups, process.privileged)
         pinning = name in control.PINNING
         if pinning:  # watched before its pin is recorded: its exit cannot be missed

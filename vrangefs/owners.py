@@ -12,14 +12,15 @@ needs for the daemon's own read-permission check: the supplementary groups,
 and whether the process may read any file.
 
 Every process that holds pins is watched through a pidfd (``os.pidfd_open``),
-opened before its first pin is recorded and waited on by the event loop
-(``trio.lowlevel.wait_readable``, one small task per process).  The kernel
-makes a pidfd readable as soon as its process has exited, however it exits
-(``exit``, a signal, ``kill -9``, the OOM killer), before anyone reaps it; the
-watcher then has the process's pins dropped at once.  Nothing polls the
-process table.  A process that holds no pin any more is no longer watched: the
-pin table reports it (:meth:`ProcessWatcher.owner_gone`) and its pidfd is
-closed, so the daemon holds one descriptor per process that holds pins.
+opened before its first pin is recorded.  The pidfds are gathered in one epoll
+set, on which the event loop waits (``trio.lowlevel.wait_readable``; one task
+for all processes, no task per process).  The kernel makes a pidfd readable as
+soon as its process has exited, however it exits (``exit``, a signal,
+``kill -9``, the OOM killer), before anyone reaps it; the watcher then has the
+process's pins dropped at once.  Nothing polls the process table.  A process
+that holds no pin any more is no longer watched: the pin table reports it
+(:meth:`ProcessWatcher.owner_gone`) and its pidfd is closed, so the daemon
+holds one descriptor per process that holds pins.
 
 This is the adapter's side of pins, next to :mod:`vrangefs.invalidation`:
 the core (:mod:`vrangefs.pins`) only counts and releases.
@@ -30,6 +31,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,31 +55,27 @@ class Process:
     privileged: bool  # CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH in the daemon's user namespace
 
 
-class _Watch:
-    """One watched process: its pidfd, and whether a task waits on it."""
-
-    __slots__ = ("fd", "waited")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.waited = False
-
-
 class ProcessWatcher:
     """Finds out who calls; calls *on_exit(tgid)* once a watched process has exited."""
 
     def __init__(self, on_exit: Callable[[int], object], proc: str = "/proc") -> None:
         self._on_exit = on_exit
         self._proc = proc
-        self._watches: dict[int, _Watch] = {}
-        self._nursery: trio.Nursery | None = None
+        self._pidfds: dict[int, int] = {}  # tgid -> pidfd
+        self._tgids: dict[int, int] = {}  # pidfd -> tgid
+        self._epoll = select.epoll()  # every pidfd: one descriptor for the event loop
         self._own_user_ns = _user_ns(proc, "self")
         self.proc_problem = _proc_problem(proc)
         if self.proc_problem is not None:
             log.warning("pins are refused: %s", self.proc_problem)
 
-    def identify(self, tid: int) -> Process:
-        """The process of the calling thread *tid* (FUSE's ``ctx.pid``); ESRCH if unknown."""
+    def identify(self, tid: int, credentials: bool = False) -> Process:
+        """The process of the calling thread *tid* (FUSE's ``ctx.pid``); ESRCH if unknown.
+
+        Its groups and privilege are read only with *credentials* (the daemon's own
+        permission check needs them; the other pin names do not): without, they are
+        empty and False.
+        """
         if self.proc_problem is not None:
             raise FsError(errno.ESRCH, f"pins are refused: {self.proc_problem}")
         if tid <= 0:
@@ -87,16 +85,20 @@ class ProcessWatcher:
                 "it cannot hold pins",
             )
         try:
-            with open(f"{self._proc}/{tid}/status", "rb") as f:
-                status = f.read()
+            fd = os.open(f"{self._proc}/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                status = os.read(fd, 16384)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise FsError(errno.ESRCH, f"cannot identify thread {tid}: {e.strerror}") from None
-        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
         try:
-            tgid = int(fields[b"Tgid"])
-            groups = frozenset(int(g) for g in fields.get(b"Groups", b"").split())
-            caps = int(fields.get(b"CapEff", b"0"), 16)
-        except (KeyError, ValueError):
+            tgid = int(_field(status, b"Tgid"))
+            if not credentials:
+                return Process(tgid, frozenset(), False)
+            groups = frozenset(int(g) for g in _field(status, b"Groups").split())
+            caps = int(_field(status, b"CapEff"), 16)
+        except ValueError:
             raise FsError(errno.ESRCH, f"cannot identify thread {tid}: bad status") from None
         user_ns = _user_ns(self._proc, str(tid)) if caps & _READ_ANY else None
         privileged = user_ns is not None and user_ns == self._own_user_ns
@@ -105,7 +107,7 @@ class ProcessWatcher:
     # -- watching ---------------------------------------------------------------------
     def __len__(self) -> int:
         """The number of processes watched."""
-        return len(self._watches)
+        return len(self._pidfds)
 
     def watch(self, tgid: int) -> None:
         """Watch *tgid* until it exits or holds no pin (idempotent).
@@ -113,7 +115,7 @@ class ProcessWatcher:
         ESRCH if it is gone already; EMFILE or ENFILE if the daemon has no
         descriptor left for it (it then cannot pin).
         """
-        if tgid in self._watches:
+        if tgid in self._pidfds:
             return
         try:
             fd = os.pidfd_open(tgid)
@@ -122,51 +124,47 @@ class ProcessWatcher:
                 log.warning("cannot watch process %d: %s", tgid, e.strerror)
                 raise FsError(e.errno, f"cannot watch process {tgid}: {e.strerror}") from None
             raise FsError(errno.ESRCH, f"process {tgid} is gone: {e.strerror}") from None
-        watch = self._watches[tgid] = _Watch(fd)
-        self._start(tgid, watch)
+        self._epoll.register(fd, select.EPOLLIN)
+        self._pidfds[tgid] = fd
+        self._tgids[fd] = tgid
 
     def owner_gone(self, tgid: int) -> None:
         """*tgid* holds no pin any more: stop watching it (the pin table's listener)."""
-        watch = self._watches.pop(tgid, None)
-        if watch is None:
-            return
-        if watch.waited:
-            trio.lowlevel.notify_closing(watch.fd)  # its task ends
-        os.close(watch.fd)
+        fd = self._pidfds.pop(tgid, None)
+        if fd is not None:
+            del self._tgids[fd]
+            self._epoll.unregister(fd)
+            os.close(fd)
 
     async def run(self) -> None:
-        """Host the watching tasks until cancelled (a task of the daemon's nursery)."""
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                for tgid, watch in list(self._watches.items()):
-                    self._start(tgid, watch)
-                await trio.sleep_forever()
-        finally:
-            self._nursery = None
-            for watch in self._watches.values():
-                watch.waited = False  # their tasks are gone: a new run starts them again
+        """Report exits until cancelled (a task of the daemon's nursery).
 
-    def _start(self, tgid: int, watch: _Watch) -> None:
-        if self._nursery is not None and not watch.waited:
-            watch.waited = True
-            self._nursery.start_soon(self._wait, tgid, watch)
+        One task for all processes: the event loop waits on the epoll set of every
+        pidfd, which is readable while any of them is.  Events are handled right
+        after the poll, with no await in between, so none can name a descriptor
+        closed and reused meanwhile.
+        """
+        while True:
+            await trio.lowlevel.wait_readable(self._epoll.fileno())
+            for fd, _ in self._epoll.poll(0):
+                tgid = self._tgids.get(fd)
+                if tgid is None:
+                    continue
+                self.owner_gone(tgid)
+                try:
+                    self._on_exit(tgid)
+                except Exception:  # a bug: its pins may stay, the daemon serves on
+                    log.exception("releasing the pins of process %d failed", tgid)
 
-    async def _wait(self, tgid: int, watch: _Watch) -> None:
-        if self._watches.get(tgid) is not watch:
-            return  # unwatched before this task ran: its fd is closed (and may be reused)
-        try:
-            await trio.lowlevel.wait_readable(watch.fd)
-        except trio.ClosedResourceError:
-            return  # no longer watched
-        if self._watches.get(tgid) is not watch:
-            return  # unwatched after it became readable: its fd is closed already
-        del self._watches[tgid]
-        os.close(watch.fd)
-        try:
-            self._on_exit(tgid)
-        except Exception:  # a bug: its pins may stay, the daemon serves on
-            log.exception("releasing the pins of process %d failed", tgid)
+
+def _field(status: bytes, name: bytes) -> bytes:
+    """The value of the line ``NAME:\tvalue`` of a /proc status file (ValueError if none)."""
+    start = status.find(b"\n" + name + b":")
+    if start < 0:
+        raise ValueError(f"no {name!r} in the status")
+    start += len(name) + 2
+    end = status.find(b"\n", start)
+    return status[start : end if end >= 0 else len(status)].strip()
 
 
 def _user_ns(proc: str, pid: str) -> int | None:
