@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # redis-server: the cache store's fleet tier (tests and demo start their own on loopback).
+# inotify-tools: the cache-directory tests watch evictions with inotifywait.
+# ccache: the cache-directory demo runs it unmodified.
 apt-get install -y -qq fuse3 libfuse3-dev pkg-config attr gcc python3-dev python3-venv \
-    git sqlite3 util-linux man-db redis-server >/dev/null
+    git sqlite3 util-linux man-db redis-server inotify-tools ccache >/dev/null
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test,bench,fleet]'
