@@ -31,8 +31,8 @@ _SIZE = "bytes with an optional K, M, G or T suffix (powers of 1024), or a perce
 _RANGE = "bytes, K/M/G/T suffixes allowed"
 _OPTIONS_HELP = (
     "comma-separated mount options; may be repeated. size=SIZE (or memory_cap=), "
-    "purged_reads=, high_watermark=, low_watermark=, pressure_purge=, min_free=, pin_limit= "
-    "and debug "
+    "purged_reads=, high_watermark=, low_watermark=, pressure_purge=, min_free=, pin_limit=, "
+    "cache_dir and debug "
     "set the options of the same names (an -o setting wins over the long option); "
     "mode=OCTAL, uid=N and gid=N set the root directory's mode (default 1777) and owner, as "
     "on tmpfs; mount(8)'s own options (defaults, noauto, nofail, _netdev, user, x-*, ...) "
@@ -42,7 +42,8 @@ _HELPER_OPTIONS_HELP = (
     "comma-separated mount options; may be repeated. size=SIZE: the memory cap, bytes with "
     "an optional K, M, G or T suffix or a percentage of RAM (default 50%%); "
     "purged_reads=eio|zeros; high_watermark=PCT; low_watermark=PCT; pressure_purge=on|off; "
-    "min_free=SIZE; pin_limit=SIZE; debug: as the vrangefs mount options of these names, see "
+    "min_free=SIZE; pin_limit=SIZE; cache_dir; debug: as the vrangefs mount options of these "
+    "names, see "
     "vrangefs(1). "
     "mode=OCTAL, uid=N and gid=N set the root directory's mode (default 1777) and owner, as "
     "on tmpfs. mount(8)'s own options (defaults, auto, noauto, nofail, _netdev, user, "
@@ -123,6 +124,14 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
         help="the bytes one user may keep pinned (user.vrange.pin), each process's pin of a "
         "range counted once: bytes with an optional K, M, G or T suffix, or a percentage of "
         "the memory cap; a pin past it fails with EDQUOT (default %(default)s)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        action="store_true",
+        help="make the whole mount a cache directory: a regular file no process holds open "
+        "is evicted whole, least recently opened first, when the cap needs room or memory "
+        "runs short, instead of writes failing with ENOSPC (also -o cache_dir; see "
+        "vrangefs cachedir)",
     )
     p.add_argument(
         "--log-file",
@@ -210,6 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="print Prometheus text format (for node_exporter's textfile collector)",
     )
     p.set_defaults(func=rangetools.cmd_stats)
+
+    text = (
+        "make DIR and every directory below it cache directories: a regular file there "
+        "that no process holds open is evicted whole, least recently opened first, when "
+        "memory is needed (directories created later inherit it); with --off, make them "
+        "ordinary again (their files are kept)"
+    )
+    p = sub.add_parser("cachedir", help=text, description=text)
+    p.add_argument("directory", metavar="DIR", help="a directory on a vrangefs mount")
+    p.add_argument("--off", action="store_true", help="make them ordinary directories again")
+    p.set_defaults(func=rangetools.cmd_cachedir)
 
     text = "purge every volatile page of a mount now; print how much was purged"
     p = sub.add_parser("purge", help=text, description=text)

@@ -167,6 +167,19 @@ def purge_all(mountpoint: str | os.PathLike[str]) -> None:
     _set(mountpoint, protocol.PURGE, protocol.PURGE_ALL)
 
 
+def set_cache_dir(directory: Target, on: bool = True) -> None:
+    """Make a directory a cache directory (its closed files may be evicted whole), or not.
+
+    Only this directory: directories created in it later inherit the setting.
+    """
+    _set(directory, protocol.CACHE_DIR, b"1" if on else b"0")
+
+
+def is_cache_dir(directory: Target) -> bool:
+    """Whether a directory is a cache directory."""
+    return protocol.parse_flag(_get(directory, protocol.CACHE_DIR))
+
+
 def fvrange(fd: int, start: int, length: int, mode: int) -> int:
     """The 2013 RFC's call: VRANGE_VOLATILE or VRANGE_NONVOLATILE on ``fd``.
 

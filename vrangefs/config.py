@@ -50,6 +50,7 @@ class MountConfig:
     low_watermark: float = 0.95
     pressure: PressureConfig | None = None
     pin_limit: int | None = None  # bytes one user may keep pinned; None: half the cap
+    cache_dir: bool = False  # the whole mount is a cache directory
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class SortedOptions:
     fuse: list[str] = field(default_factory=list)
     """Everything else: FUSE's options (``allow_other``, ...)."""
     debug: bool = False
+    cache_dir: bool = False
+    """``-o cache_dir``: the whole mount is a cache directory."""
 
 
 def split_options(values: Sequence[str]) -> list[str]:
@@ -180,6 +183,8 @@ def sort_options(values: Sequence[str]) -> SortedOptions:
             out.settings[OPTION_ALIASES[key]] = Setting(value, f"-o {key}=")
         elif key == "debug" and not sep:
             out.debug = True
+        elif key == "cache_dir" and not sep:
+            out.cache_dir = True
         elif key in ROOT_OPTIONS and sep:
             out.root[key] = parse_root_option(key, value)
         elif key in IGNORED_OPTIONS or key.startswith(("x-", "comment")):
@@ -390,6 +395,7 @@ def build_config(
         low_watermark=low,
         pressure=pressure if pressure_on else None,
         pin_limit=pin_limit,
+        cache_dir=sorted_options.cache_dir,
         root_mode=root.get("mode", 0o1777),
         root_uid=root.get("uid"),
         root_gid=root.get("gid"),

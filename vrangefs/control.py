@@ -78,7 +78,27 @@ def _set_purge(volume: Volume, ino: int, value: bytes) -> None:
         log.warning("%s: %s", protocol.PURGE, e)
         raise FsError(e.errno, str(e)) from None
     units = volume.reclaim.purge_all()
-    log.info("purge all: %d units purged", units)
+    log.info("purge all: %d units purged or files evicted", units)
+
+
+def _set_cache_dir(volume: Volume, ino: int, value: bytes) -> None:
+    _directory_only(volume, ino)
+    try:
+        on = protocol.parse_flag(value)
+    except protocol.XattrValueError as e:
+        log.warning("inode %d: %s", ino, e)
+        raise FsError(e.errno, str(e)) from None
+    volume.set_cache_dir(ino, on)
+
+
+def _get_cache_dir(volume: Volume, ino: int) -> bytes:
+    _directory_only(volume, ino)
+    return b"1" if volume.is_cache_dir(ino) else b"0"
+
+
+def _directory_only(volume: Volume, ino: int) -> None:
+    if not volume.inode(ino).is_dir:
+        raise FsError(errno.ENOTDIR, f"inode {ino}: {protocol.CACHE_DIR} is for directories")
 
 
 def _set_pin(volume: Volume, ino: int, value: bytes, pinner: Pinner) -> None:
@@ -187,6 +207,16 @@ def stats(volume: Volume) -> dict[str, int | str]:
         pin_owners=r.pin_owners,
         pins_released_by_exit=r.pins_released_by_exit,
         pin_limit_bytes=volume.pin_limit,
+        cache_dir_files=r.cache_dir_files,
+        cache_dir_bytes=r.cache_dir_pages * PAGE_SIZE,
+        evicted_files=sum(r.evicted_files.values()),
+        evicted_bytes=sum(r.evicted_pages.values()) * PAGE_SIZE,
+    )
+    for cause in PurgeCause:
+        out[f"evicted_files_{cause.value}"] = r.evicted_files[cause]
+        out[f"evicted_bytes_{cause.value}"] = r.evicted_pages[cause] * PAGE_SIZE
+    out.update(
+        oldest_purgeable_age_ms=round(r.oldest_age * 1000),
         inodes=len(volume.inodes),
         high_watermark_bytes=r.high_pages * PAGE_SIZE,
         low_watermark_bytes=r.low_pages * PAGE_SIZE,
@@ -211,12 +241,14 @@ GETTERS: dict[bytes, Getter] = {
     protocol.PURGED_B: _get_purged,
     protocol.PINS_B: _get_pins,
     protocol.STATS_B: _get_stats,
+    protocol.CACHE_DIR_B: _get_cache_dir,
 }
 
 SETTERS: dict[bytes, Setter] = {
     protocol.VOLATILE_B: _set_volatile,
     protocol.NONVOLATILE_B: _set_nonvolatile,
     protocol.PURGE_B: _set_purge,
+    protocol.CACHE_DIR_B: _set_cache_dir,
 }
 
 PIN_SETTERS: dict[bytes, PinSetter] = {

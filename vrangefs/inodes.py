@@ -86,16 +86,22 @@ class Inode:
 
     __slots__ = (
         "atime_ns",
+        "cache_dir",
         "ctime_ns",
         "data",
         "dir",
+        "evicted",
         "gid",
         "ino",
+        "kept",
         "lookups",
         "mode",
+        "more_links",
         "mtime_ns",
+        "name",
         "nlink",
         "opens",
+        "parent",
         "rdev",
         "target",
         "uid",
@@ -119,6 +125,40 @@ class Inode:
         self.vroot: VrangeRoot | None = None
         self.lookups = 0
         self.opens = 0
+        # Its names: the first in (parent, name), any further hard links in more_links.
+        # Eviction removes them all, and events name files by path.
+        self.parent = 0
+        self.name: bytes | None = None
+        self.more_links: list[tuple[int, bytes]] | None = None
+        self.cache_dir = False  # a directory whose files are evicted whole (cache directory)
+        self.kept = False  # marked non-volatile as a whole: a cache directory keeps it
+        self.evicted = False  # evicted from a cache directory: gone, though the kernel may know it
+
+    def links(self) -> list[tuple[int, bytes]]:
+        """Every (directory inode, name) of this inode."""
+        if self.name is None:
+            return []
+        first = (self.parent, self.name)
+        return [first, *self.more_links] if self.more_links else [first]
+
+    def add_link(self, parent: int, name: bytes) -> None:
+        if self.name is None:
+            self.parent, self.name = parent, name
+        elif self.more_links is None:
+            self.more_links = [(parent, name)]
+        else:
+            self.more_links.append((parent, name))
+
+    def drop_link(self, parent: int, name: bytes) -> None:
+        if self.parent == parent and self.name == name:
+            if self.more_links:
+                self.parent, self.name = self.more_links.pop()
+            else:
+                self.parent, self.name = 0, None
+        elif self.more_links is not None:
+            self.more_links.remove((parent, name))
+        if not self.more_links:
+            self.more_links = None
 
     @property
     def is_dir(self) -> bool:

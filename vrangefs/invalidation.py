@@ -26,7 +26,16 @@ because waiting is an event-loop matter:
 - Invalidation runs in worker threads of its own limiter, since the call
   blocks in the kernel.
 
-The invalidation call itself is injected, so this module knows nothing of
+Evictions of cache-directory files are told to the kernel here too: each name
+the file had is deleted from the kernel's dentry cache (which also gives inotify
+watchers IN_DELETE).  Nobody waits for that: until the kernel has dropped a
+name, the daemon answers requests for the evicted inode with ESTALE, and the
+kernel looks the name up again.  Deleting an entry waits for the directory's
+lock, which a request in our hands may hold while it waits for an invalidation
+(setxattr purge-all on the root): so deletions run in a thread of their own,
+one batch at a time, never in the invalidation threads.
+
+The kernel calls themselves are injected, so this module knows nothing of
 pyfuse3 and adapter tests can record what is invalidated.
 """
 
@@ -34,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -45,6 +54,10 @@ from vrangefs.protocol import PurgeCause
 log = logging.getLogger(__name__)
 
 INVALIDATION_THREADS = 64
+DELETION_BATCH = 256  # names deleted from the kernel's cache per worker-thread call
+
+DeleteEntry = Callable[[int, bytes, int], None]
+"""Tell the kernel that name *name* of directory *parent*, inode *ino*, is gone (blocking)."""
 
 
 class _Flush:
@@ -63,8 +76,15 @@ class _Flush:
 class Invalidator:
     """Drops the kernel's cached copy of purged pages and orders readers after it."""
 
-    def __init__(self, invalidate: Callable[[int], None]) -> None:
+    def __init__(
+        self, invalidate: Callable[[int], None], delete_entry: DeleteEntry | None = None
+    ) -> None:
         self._invalidate = invalidate  # blocking: drop the kernel's cache of one inode
+        self._delete_entry = delete_entry
+        self._deletions: deque[tuple[int, bytes, int]] = deque()
+        self._deleting = False
+        self._deletion_limiter = trio.CapacityLimiter(1)
+        self.entries_deleted = 0
         self._flushes: dict[int, _Flush] = {}
         self._writing: Counter[int] = Counter()  # inodes with a WRITE in our hands
         self._recording: set[int] | None = None
@@ -88,6 +108,19 @@ class Invalidator:
         if self._recording is not None:
             self._recording.add(ino)
         self._start(ino, flush)
+
+    def evicted(
+        self, ino: int, cause: PurgeCause, pages: int, names: list[tuple[int, bytes]]
+    ) -> None:
+        """Reclaim evicted a cache-directory file: drop its names from the kernel's cache."""
+        if self._delete_entry is None:
+            return
+        self._deletions.extend((parent, name, ino) for parent, name in names)
+        self._start_deleting()
+
+    def deletions_pending(self) -> int:
+        """Names of evicted files the kernel may still hold."""
+        return len(self._deletions)
 
     # -- used by request handlers ---------------------------------------------
     @contextmanager
@@ -149,6 +182,7 @@ class Invalidator:
             try:
                 for ino, flush in list(self._flushes.items()):
                     self._start(ino, flush)
+                self._start_deleting()
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
@@ -177,6 +211,32 @@ class Invalidator:
             flush.running = False
             if flush.clean == flush.purged and self._flushes.get(ino) is flush:
                 del self._flushes[ino]
+
+    def _start_deleting(self) -> None:
+        if self._deletions and not self._deleting and self._nursery is not None:
+            self._deleting = True
+            self._nursery.start_soon(self._delete)
+
+    async def _delete(self) -> None:
+        try:
+            while self._deletions:
+                count = min(len(self._deletions), DELETION_BATCH)
+                batch = [self._deletions.popleft() for _ in range(count)]
+                await trio.to_thread.run_sync(
+                    self._delete_batch, batch, limiter=self._deletion_limiter
+                )
+                self.entries_deleted += len(batch)
+        finally:
+            self._deleting = False
+
+    def _delete_batch(self, batch: list[tuple[int, bytes, int]]) -> None:
+        assert self._delete_entry is not None
+        for parent, name, ino in batch:
+            log.debug("evicted: deleting entry %r of directory %d (inode %d)", name, parent, ino)
+            try:
+                self._delete_entry(parent, name, ino)
+            except Exception:  # a bug: the kernel keeps a stale name, which answers ESTALE
+                log.exception("deleting entry %r of directory %d failed", name, parent)
 
     def _publish(self, flush: _Flush, generation: int) -> None:
         keep = []

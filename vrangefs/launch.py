@@ -98,6 +98,8 @@ def configure(args: argparse.Namespace) -> tuple[MountConfig, list[str]]:
     settings = config.settings_of(given, sorted_options)
     if sorted_options.debug:
         args.debug = True
+    if args.cache_dir:
+        sorted_options.cache_dir = True
     mount_config, warnings = config.build_config(
         os.path.abspath(args.mountpoint), settings, sorted_options, this_machine()
     )
@@ -154,6 +156,8 @@ def spawn_daemon(args: argparse.Namespace, mountpoint: str) -> int:
         cmd += ["-o", opt]
     if args.debug:
         cmd.append("--debug")
+    if args.cache_dir:
+        cmd.append("--cache-dir")
     if args.log_file:
         cmd += ["--log-file", os.path.abspath(args.log_file)]
     with open(os.devnull, "rb") as devnull_in, open(os.devnull, "wb") as devnull_out:

@@ -59,6 +59,7 @@ def build(config: MountConfig) -> Operations:
         high_watermark=config.high_watermark,
         low_watermark=config.low_watermark,
         pin_limit=config.pin_limit,
+        cache_dir=config.cache_dir,
     )
     return Operations(volume, on_init=functools.partial(_served, config.mountpoint))
 

@@ -119,11 +119,14 @@ class Operations(pyfuse3.Operations):
         on_init: Callable[[], None] | None = None,
         invalidate: Callable[[int], None] | None = None,
         proc: str = "/proc",
+        delete_entry: Callable[[int, bytes, int], None] | None = None,
     ) -> None:
         super().__init__()
         self.volume = volume
         self._on_init = on_init
-        self.invalidator = Invalidator(invalidate or _invalidate_inode)
+        self.invalidator = Invalidator(
+            invalidate or _invalidate_inode, delete_entry or _delete_entry
+        )
         volume.reclaim.listener = self.invalidator
         self.processes = ProcessWatcher(self._process_exited, proc)
         volume.reclaim.pins.listener = self.processes
@@ -476,6 +479,23 @@ def _negative_entry() -> pyfuse3.EntryAttributes:
     attr.entry_timeout = NEGATIVE_TIMEOUT
     attr.attr_timeout = 0
     return attr
+
+
+def _delete_entry(parent: int, name: bytes, ino: int) -> None:
+    """Tell the kernel an evicted file's name is gone (worker thread: it may block).
+
+    Passing the inode makes the kernel drop the name only if it still means that
+    inode, and notify inotify watchers of the directory (IN_DELETE).
+    """
+    try:
+        pyfuse3.invalidate_entry(parent, name, deleted=ino)
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # ENOENT: the kernel holds no such name (any more)
+            log.warning(
+                "invalidate_entry(%d, %r) failed: %s", parent, name, os.strerror(e.errno or 0)
+            )
+        else:
+            log.debug("invalidate_entry(%d, %r): the kernel holds no such name", parent, name)
 
 
 def _invalidate_inode(ino: int) -> None:

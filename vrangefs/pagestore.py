@@ -167,16 +167,43 @@ class PageStore:
         assert self.used_pages == self._bump - len(self._free)
 
 
+class PageTally:
+    """A running count of the resident pages of a group of files (those in cache directories).
+
+    A file joins by setting ``FileData.tally``; from then on every page it gains or loses is
+    counted here too, so the group's total never needs a walk over its files.
+    """
+
+    __slots__ = ("pages",)
+
+    def __init__(self) -> None:
+        self.pages = 0
+
+
 class FileData:
     """One file's pages: a sparse page table over the shared :class:`PageStore`."""
 
-    __slots__ = ("_chunks", "resident_pages", "size", "store")
+    __slots__ = ("_chunks", "resident_pages", "size", "store", "tally")
 
     def __init__(self, store: PageStore) -> None:
         self.store = store
         self._chunks: dict[int, array[int]] = {}
         self.size = 0
         self.resident_pages = 0
+        self.tally: PageTally | None = None
+
+    def _resident(self, delta: int) -> None:
+        self.resident_pages += delta
+        if self.tally is not None:
+            self.tally.pages += delta
+
+    def join(self, tally: PageTally | None) -> None:
+        """Count this file's resident pages in *tally* (None: in none) from now on."""
+        if self.tally is not None:
+            self.tally.pages -= self.resident_pages
+        self.tally = tally
+        if tally is not None:
+            tally.pages += self.resident_pages
 
     # -- queries ----------------------------------------------------------
     def _chunks_in(self, first: int, end: int) -> list[int]:
@@ -338,13 +365,13 @@ class FileData:
             if chunk is None:
                 chunk = chunks[ci] = array("i", _EMPTY_CHUNK)
                 chunk[lo:hi] = array("i", store.alloc_many(hi - lo))
-                self.resident_pages += hi - lo
+                self._resident(hi - lo)
             else:
                 missing = [i for i in range(lo, hi) if chunk[i] < 0]
                 if missing:  # holes and purged pages get fresh, zero-filled slots
                     for i, slot in zip(missing, store.alloc_many(len(missing)), strict=True):
                         chunk[i] = slot
-                    self.resident_pages += len(missing)
+                    self._resident(len(missing))
             # Copy runs of consecutive slots with one slice assignment each.
             i = lo
             while i < hi:
@@ -386,7 +413,7 @@ class FileData:
                 chunk[i] = HOLE
             if lo == 0:
                 del self._chunks[ci]
-        self.resident_pages -= len(freed)
+        self._resident(-len(freed))
         self.store.release(freed)
 
     def purge(self, first: int, end: int) -> int:
@@ -403,7 +430,7 @@ class FileData:
                 if slot >= 0:
                     freed.append(slot)
                     chunk[i] = PURGED
-        self.resident_pages -= len(freed)
+        self._resident(-len(freed))
         self.store.release(freed)
         return len(freed)
 

@@ -42,6 +42,7 @@ PURGE = "user.vrange.purge"
 PIN = "user.vrange.pin"
 UNPIN = "user.vrange.unpin"
 PINS = "user.vrange.pins"
+CACHE_DIR = "user.vrange.cache_dir"
 
 # The same pin and unpin in the system namespace, which the kernel leaves to the
 # filesystem: with default_permissions it demands write permission for any user.*
@@ -60,6 +61,7 @@ PURGE_B = PURGE.encode()
 PIN_B = PIN.encode()
 UNPIN_B = UNPIN.encode()
 PINS_B = PINS.encode()
+CACHE_DIR_B = CACHE_DIR.encode()
 SYSTEM_PREFIX_B = SYSTEM_PREFIX.encode()
 SYSTEM_PIN_B = SYSTEM_PIN.encode()
 SYSTEM_UNPIN_B = SYSTEM_UNPIN.encode()
@@ -160,6 +162,19 @@ def parse_purge(value: bytes) -> None:
         raise XattrValueError(
             errno.EINVAL, f"invalid purge request {_show(value)}: expected {PURGE_ALL!r}"
         )
+
+
+def parse_flag(value: bytes) -> bool:
+    """Parse a ``user.vrange.cache_dir`` value: ``1`` or ``0``, optionally with a newline.
+
+    Raises :class:`XattrValueError` (EINVAL) for anything else.
+    """
+    flag = _strip_newline(value)
+    if flag not in (b"0", b"1"):
+        raise XattrValueError(
+            errno.EINVAL, f"invalid {CACHE_DIR} value {_show(value)}: expected 1 or 0"
+        )
+    return flag == b"1"
 
 
 def parse_size(text: str, total_ram: int | None = None) -> int:

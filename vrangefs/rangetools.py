@@ -120,6 +120,47 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cachedir(args: argparse.Namespace) -> int:
+    """Set or clear the cache-directory flag of DIR and of every directory below it.
+
+    The walk stays on DIR's mount and does not follow symbolic links.  Each
+    directory is set by its own setxattr, so the kernel checks the caller's
+    right to each one; those it refuses are named and make the exit status 1.
+    """
+    on = not args.off
+    root = args.directory
+    try:
+        client.set_cache_dir(root, on)
+        device = os.stat(root).st_dev
+    except OSError as e:
+        raise _os_error("set the cache-directory flag of", root, e) from None
+    changed, failed = 1, 0
+    for top, dirs, _files in os.walk(root, onerror=_walk_error):
+        keep = []
+        for name in dirs:
+            path = os.path.join(top, name)
+            try:
+                if os.lstat(path).st_dev != device:
+                    continue
+                client.set_cache_dir(path, on)
+            except OSError as e:
+                print(f"vrangefs: {path}: {e.strerror or e}", file=sys.stderr)
+                failed += 1
+                continue
+            changed += 1
+            keep.append(name)
+        dirs[:] = keep
+    state = "a cache directory" if on else "an ordinary directory"
+    print(f"{root}: {state} now ({changed} director{'y' if changed == 1 else 'ies'})")
+    if failed:
+        print(f"vrangefs: {failed} directories below {root} left unchanged", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _walk_error(e: OSError) -> None:
+    print(f"vrangefs: {e.filename}: {e.strerror or e}", file=sys.stderr)
+
+
 def cmd_purge(args: argparse.Namespace) -> int:
     try:
         before = client.stats(args.mountpoint)

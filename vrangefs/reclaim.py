@@ -26,6 +26,13 @@ change that makes, merges or splits units looks at the pins of the pages
 concerned: merged units are parked if pinned, pieces of a split unit inherit
 the flag and are put back if no pin holds them any more.
 
+Files of cache directories plug in too.  Each is a :class:`CacheFile` in the same
+order as the units, placed by the time of its last open, and queued only while
+nobody holds it: no open handle, no pin, not kept (marked non-volatile as a
+whole) and holding pages.  Purging it *evicts* the file: the volume removes
+every name of it and frees it (the ``evict_file`` callback), and the listener
+hears of it.  Their resident pages are tallied apart (``cache_pages``).
+
 Pure and synchronous, like the rest of the core: no FUSE, no event loop.
 """
 
@@ -37,10 +44,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from vrangefs.pagestore import PAGE_SHIFT, FileData, NoSpaceError, PageStore
+from vrangefs.pagestore import PAGE_SHIFT, FileData, NoSpaceError, PageStore, PageTally
 from vrangefs.pins import PinTable
 from vrangefs.protocol import PurgeCause
-from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
+from vrangefs.vrange import CacheFile, PurgeOrder, PurgeUnit, VrangeRoot
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +57,41 @@ RECLAIM_EXTRA_PAGES = 16384  # 64 MiB
 RECLAIM_EXTRA_UNITS = 256  # ...and at most this many units (each costs ~15 us)
 
 
+Link = tuple[int, bytes]
+"""A name of a file: (directory inode number, name)."""
+
+
 class PurgeListener(Protocol):
     """Told of every purge, synchronously, before the purging call returns."""
 
     def purged(self, ino: int, cause: PurgeCause, pages: int) -> None: ...
+
+    def evicted(self, ino: int, cause: PurgeCause, pages: int, names: list[Link]) -> None:
+        """A cache-directory file was evicted: *names* are the (directory, name) it had."""
+        ...
 
     def unpublished(self) -> tuple[dict[PurgeCause, int], dict[PurgeCause, int]]:
         """(pages, units) per cause of purges readers cannot observe yet: left out of stats."""
         ...
 
 
+class ReclaimObserver(Protocol):
+    """Told of every purge and eviction after the listener (the daemon's event stream).
+
+    Called synchronously, inside reclaim's step: it must not change the volume and
+    must not block (it may look things up, e.g. a path).
+    """
+
+    def purged(self, unit: PurgeUnit, cause: PurgeCause, pages: int) -> None: ...
+
+    def evicted(self, ino: int, cause: PurgeCause, pages: int, names: list[Link]) -> None: ...
+
+
 FileOf = Callable[[int], tuple[FileData, VrangeRoot | None]]
 """Maps an inode number to its data and volatile ranges, if any (the inode table's view)."""
+
+EvictFile = Callable[[int], list[Link]]
+"""Removes every name of a file and frees it (the volume's part of an eviction)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +112,11 @@ class ReclaimStats:
     pinned_pages: int  # pages charged for pins (see vrangefs.pins)
     pin_owners: int  # processes holding pins
     pins_released_by_exit: int  # pins dropped because their process exited
+    evicted_files: dict[PurgeCause, int]
+    evicted_pages: dict[PurgeCause, int]
+    cache_dir_files: int  # regular files whose every name is in a cache directory
+    cache_dir_pages: int  # their resident pages
+    oldest_age: float  # seconds since the head of the order was marked or last opened
 
     def minus(self, pages: dict[PurgeCause, int], units: dict[PurgeCause, int]) -> ReclaimStats:
         """The same snapshot without some purges (those readers cannot observe yet)."""
@@ -99,6 +134,7 @@ class Reclaim:
         self,
         store: PageStore,
         file_of: FileOf,
+        evict_file: EvictFile | None = None,
         *,
         high_watermark: float = 1.0,
         low_watermark: float = 0.95,
@@ -112,6 +148,7 @@ class Reclaim:
         self._file_of = file_of
         self.order = PurgeOrder()
         self.listener: PurgeListener | None = None
+        self.observer: ReclaimObserver | None = None
         # A write that would take resident data over the high watermark purges
         # volatile units down to the low one, so writes streaming near the cap
         # do not purge on every request.
@@ -126,6 +163,11 @@ class Reclaim:
         self.pinned_pages = 0
         self.units = 0
         self.pins = PinTable(pin_limit_pages)
+        self._evict_file = evict_file
+        self.cache_files: dict[int, CacheFile] = {}
+        self.cache_pages = PageTally()
+        self._evicted_files = dict.fromkeys(PurgeCause, 0)
+        self._evicted_pages = dict.fromkeys(PurgeCause, 0)
 
     def new_root(self, ino: int) -> VrangeRoot:
         return VrangeRoot(ino, self.order)
@@ -166,6 +208,8 @@ class Reclaim:
     def forget(self, ino: int, root: VrangeRoot | None, data: FileData | None) -> None:
         """The inode is being freed: its units and pins go."""
         self.pins.forget_inode(ino)
+        if data is not None:
+            self.cache_leave(ino, data)
         if root is not None:
             assert data is not None
             self.units -= len(root)
@@ -189,6 +233,10 @@ class Reclaim:
         """
         if not self.pins.pin(ino, start, end, tgid, uid):
             return
+        cache_file = self.cache_files.get(ino)
+        if cache_file is not None:
+            self.order.discard(cache_file)
+            cache_file.pinned = True
         data, root = self._file_of(ino)
         if root is None:
             return
@@ -222,6 +270,9 @@ class Reclaim:
         if root is not None:
             for unit in root.units_overlapping(start, end):
                 self._recheck_pin(root, data, unit)
+        cache_file = self.cache_files.get(ino)
+        if cache_file is not None:
+            self._requeue(cache_file, data)
 
     def _recheck_pin(self, root: VrangeRoot, data: FileData, unit: PurgeUnit | None) -> None:
         """Put a parked unit back into the order if no pin holds any of its pages now."""
@@ -279,6 +330,80 @@ class Reclaim:
             self.volatile_pages += gained
         return written
 
+    # -- cache-directory files ------------------------------------------------------
+    def cache_join(self, ino: int, data: FileData, opens: int, kept: bool) -> None:
+        """The file's every name is now in a cache directory: it may be evicted when unheld.
+
+        Joining counts as a use: the file takes the newest place in the order.
+        """
+        if ino in self.cache_files:
+            return
+        cache_file = self.cache_files[ino] = CacheFile(ino, self.order.next_seq(), opens, kept)
+        data.join(self.cache_pages)
+        self._requeue(cache_file, data)
+
+    def cache_leave(self, ino: int, data: FileData) -> None:
+        """The file is no longer (wholly) in cache directories, or is going: never evict it."""
+        cache_file = self.cache_files.pop(ino, None)
+        if cache_file is not None:
+            self.order.discard(cache_file)
+            data.join(None)
+
+    def cache_opened(self, ino: int) -> None:
+        """An open of a cache-directory file: held, and the most recently used."""
+        cache_file = self.cache_files.get(ino)
+        if cache_file is not None:
+            self.order.discard(cache_file)
+            cache_file.opens += 1
+            cache_file.seq = self.order.next_seq()
+
+    def cache_closed(self, ino: int, data: FileData) -> None:
+        """A handle of the file was released: evictable once the last one is."""
+        cache_file = self.cache_files.get(ino)
+        if cache_file is not None:
+            cache_file.opens -= 1
+            self._requeue(cache_file, data)
+
+    def cache_keep(self, ino: int, data: FileData, kept: bool) -> None:
+        """The file was marked non-volatile (kept) or volatile (evictable) as a whole."""
+        cache_file = self.cache_files.get(ino)
+        if cache_file is not None:
+            cache_file.kept = kept
+            self._requeue(cache_file, data)
+
+    def cache_changed(self, ino: int, data: FileData) -> None:
+        """Its pages changed while closed (a truncate): it may have nothing left to free."""
+        cache_file = self.cache_files.get(ino)
+        if cache_file is not None:
+            self._requeue(cache_file, data)
+
+    def _requeue(self, cache_file: CacheFile, data: FileData) -> None:
+        """Queue the file if nothing holds it and it holds pages; take it out otherwise."""
+        cache_file.pinned = self.pins.of(cache_file.ino) is not None
+        free = not (cache_file.opens or cache_file.kept or cache_file.pinned)
+        if free and data.resident_pages:
+            if cache_file not in self.order:
+                self.order.add(cache_file)
+        else:
+            self.order.discard(cache_file)
+
+    def _evict(self, cache_file: CacheFile, cause: PurgeCause) -> int:
+        """Evict a queued cache-directory file; returns the pages freed."""
+        assert self._evict_file is not None and cache_file in self.order, cache_file
+        ino = cache_file.ino
+        data, _ = self._file_of(ino)
+        pages = data.resident_pages
+        names = self._evict_file(ino)  # calls forget(): the file leaves the order
+        assert cache_file not in self.order and ino not in self.cache_files, cache_file
+        self._evicted_files[cause] += 1
+        self._evicted_pages[cause] += pages
+        log.debug("evicted %r (%s): %d pages", cache_file, cause.value, pages)
+        if self.listener is not None:
+            self.listener.evicted(ino, cause, pages, names)
+        if self.observer is not None:
+            self.observer.evicted(ino, cause, pages, names)
+        return pages
+
     # -- purging ----------------------------------------------------------
     def for_write(self, pages: int) -> int:
         """Make room for a write of *pages* new pages; returns the pages purged.
@@ -335,12 +460,18 @@ class Reclaim:
         log.debug("purged %r (%s): %d pages", unit, cause.value, freed)
         if self.listener is not None:
             self.listener.purged(unit.ino, cause, freed)
+        if self.observer is not None:
+            self.observer.purged(unit, cause, freed)
         return freed
 
     def _purge_oldest(self, cause: PurgeCause) -> int | None:
-        """Purge the least recently marked unit; None if there is none."""
+        """Purge the least recently used unit or cache file; None if there is none."""
         unit = self.order.oldest()
-        return None if unit is None else self.purge_unit(unit, cause)
+        if unit is None:
+            return None
+        if isinstance(unit, CacheFile):
+            return self._evict(unit, cause)
+        return self.purge_unit(unit, cause)
 
     # -- introspection ------------------------------------------------------
     def statistics(self) -> ReclaimStats:
@@ -368,6 +499,11 @@ class Reclaim:
             pinned_pages=pins.pinned_pages,
             pin_owners=pins.owners(),
             pins_released_by_exit=pins.released_by_exit,
+            evicted_files=dict(self._evicted_files),
+            evicted_pages=dict(self._evicted_pages),
+            cache_dir_files=len(self.cache_files),
+            cache_dir_pages=self.cache_pages.pages,
+            oldest_age=self.order.oldest_age(),
         )
 
     def check_invariants(self, files: Iterable[tuple[FileData, VrangeRoot]]) -> None:

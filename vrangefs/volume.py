@@ -95,8 +95,12 @@ class Volume:
         high_watermark: float = 1.0,
         low_watermark: float = 0.95,
         pin_limit: int | None = None,
+        cache_dir: bool = False,
     ) -> None:
-        """*pin_limit*: the bytes one user may keep pinned (default: half the cap)."""
+        """*pin_limit*: the bytes one user may keep pinned (default: half the cap).
+
+        *cache_dir*: the whole mount is a cache directory (inherited by every directory).
+        """
         self.store = store
         self.inodes = InodeTable()
         self.purged_reads_zeros = purged_reads_zeros
@@ -108,12 +112,14 @@ class Volume:
         root.dir = Directory()
         root.nlink = 2
         root.lookups = 1  # the kernel holds the root for the life of the mount
+        root.cache_dir = cache_dir
         if pin_limit is None:
             pin_limit = store.cap_bytes // 2
         self.pin_limit = pin_limit // PAGE_SIZE * PAGE_SIZE
         self.reclaim = Reclaim(
             store,
             self._file_of,
+            self._evict_file,
             high_watermark=high_watermark,
             low_watermark=low_watermark,
             pin_limit_pages=pin_limit // PAGE_SIZE,
@@ -121,8 +127,13 @@ class Volume:
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
+        """The live inode *ino*; ESTALE for one that is gone.
+
+        An evicted file is gone even while the kernel still knows it: ESTALE makes
+        the kernel walk the path again (LOOKUP_REVAL), which finds the name gone.
+        """
         inode = self.inodes.get(ino)
-        if inode is None:
+        if inode is None or inode.evicted:
             raise FsError(errno.ESTALE, f"no inode {ino}")
         return inode
 
@@ -200,6 +211,7 @@ class Volume:
         inode.nlink = 1
         inode.lookups = 1
         d.add(name, inode.ino)
+        inode.add_link(parent, name)
         pinode.touch(mtime=True, ctime=True)
         return inode
 
@@ -212,13 +224,16 @@ class Volume:
         inode = self._new_child(parent, name, mode, caller, rdev)
         if stat.S_ISREG(mode):
             inode.data = FileData(self.store)
+            self._cache_check(inode)
         return inode
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         inode = self._new_child(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
         inode.dir = Directory()
         inode.nlink = 2
-        self.inode(parent).nlink += 1
+        pinode = self.inode(parent)
+        pinode.nlink += 1
+        inode.cache_dir = pinode.cache_dir  # inherited
         return inode
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
@@ -246,10 +261,12 @@ class Volume:
         if new_name in d.entries:
             raise FsError(errno.EEXIST)
         d.add(new_name, ino)
+        inode.add_link(new_parent, new_name)
         inode.nlink += 1
         inode.lookups += 1
         inode.touch(ctime=True)
         pinode.touch(mtime=True, ctime=True)
+        self._cache_check(inode)
         return inode
 
     # -- removing -----------------------------------------------------------
@@ -259,9 +276,11 @@ class Volume:
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         d.remove(name)
+        inode.drop_link(parent, name)
         inode.nlink -= 1
         inode.touch(ctime=True)
         pinode.touch(mtime=True, ctime=True)
+        self._cache_check(inode)
         self._release_if_dead(inode)
 
     def rmdir(self, parent: int, name: bytes) -> None:
@@ -272,6 +291,7 @@ class Volume:
         if len(inode.dir):
             raise FsError(errno.ENOTEMPTY)
         d.remove(name)
+        inode.drop_link(parent, name)
         inode.nlink = 0
         inode.touch(ctime=True)
         pinode.nlink -= 1
@@ -297,6 +317,10 @@ class Volume:
                 raise FsError(errno.ENOENT)
             od.add(old_name, dst.ino)
             nd.add(new_name, src.ino)
+            src.drop_link(old_parent, old_name)
+            dst.drop_link(new_parent, new_name)
+            src.add_link(new_parent, new_name)
+            dst.add_link(old_parent, old_name)
             if op is not np and src.is_dir != dst.is_dir:
                 delta = 1 if src.is_dir else -1
                 op.nlink -= delta
@@ -305,6 +329,8 @@ class Volume:
                 inode.touch(ctime=True)
             op.touch(mtime=True)
             np.touch(mtime=True)
+            self._cache_check(src)
+            self._cache_check(dst)
             return
         if dst is src:
             return  # POSIX: two links to one file: do nothing
@@ -317,8 +343,10 @@ class Volume:
             elif dst.is_dir:
                 raise FsError(errno.EISDIR)
         od.remove(old_name)
+        src.drop_link(old_parent, old_name)
         if dst is not None:
             nd.remove(new_name)
+            dst.drop_link(new_parent, new_name)
             if dst.is_dir:
                 dst.nlink = 0
                 np.nlink -= 1
@@ -326,13 +354,16 @@ class Volume:
                 dst.nlink -= 1
             dst.touch(ctime=True)
         nd.add(new_name, src.ino)
+        src.add_link(new_parent, new_name)
         if src.is_dir and op is not np:
             op.nlink -= 1
             np.nlink += 1
         src.touch(ctime=True)
         op.touch(mtime=True, ctime=True)
         np.touch(mtime=True, ctime=True)
+        self._cache_check(src)
         if dst is not None:
+            self._cache_check(dst)
             self._release_if_dead(dst)
 
     # -- attributes -----------------------------------------------------------
@@ -345,6 +376,7 @@ class Volume:
             if change.size < 0:
                 raise FsError(errno.EINVAL)
             self.truncate(inode, change.size)
+            self.reclaim.cache_changed(inode.ino, inode.data)
             inode.mtime_ns = t
         if change.mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | (change.mode & 0o7777)
@@ -378,16 +410,20 @@ class Volume:
                 self.truncate(inode, 0)
             inode.touch(mtime=True, ctime=True)
         inode.opens += 1
+        self.reclaim.cache_opened(ino)
         return inode
 
     def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         inode = self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, caller)
         inode.opens += 1
+        self.reclaim.cache_opened(inode.ino)
         return inode
 
     def release(self, ino: int) -> None:
         inode = self.inode(ino)
         inode.opens -= 1
+        if inode.data is not None:
+            self.reclaim.cache_closed(ino, inode.data)
         self._release_if_dead(inode)
 
     def read(self, ino: int, off: int, size: int) -> memoryview | bytes | bytearray:
@@ -436,6 +472,9 @@ class Volume:
     def mark_volatile(self, ino: int, offset: int, length: int) -> None:
         """Make the pages wholly inside the byte range volatile (one new purge unit)."""
         inode, data = self._regular(ino)
+        if _whole_file(offset, length, data.size) and inode.kept:
+            inode.kept = False
+            self.reclaim.cache_keep(ino, data, kept=False)
         pages = volatile_pages(offset, length, data.size)
         if pages is not None:
             self.reclaim.mark_volatile(self._vroot(inode), data, *pages)
@@ -447,6 +486,9 @@ class Volume:
         from here on nothing purges them, so the answer cannot go stale.
         """
         inode, data = self._regular(ino)
+        if _whole_file(offset, length, data.size) and not inode.kept:
+            inode.kept = True  # a cache directory keeps it until it is marked volatile
+            self.reclaim.cache_keep(ino, data, kept=True)
         pages = nonvolatile_pages(offset, length, data.size)
         if pages is None:
             return []
@@ -523,6 +565,79 @@ class Volume:
         if inode.vroot is None:
             return iter(())
         return (r for u in inode.vroot.units() if (r := _byte_range(data, u.start, u.end)))
+
+    # -- cache directories ---------------------------------------------------------
+    def is_cache_dir(self, ino: int) -> bool:
+        inode, _ = self._dir(ino)
+        return inode.cache_dir
+
+    def set_cache_dir(self, ino: int, on: bool) -> None:
+        """Make a directory a cache directory, or an ordinary one again.
+
+        Its regular files follow at once (evictable when closed, or kept for good);
+        directories created in it later inherit the setting, existing ones keep
+        theirs (the CLI walks a tree, so that the kernel checks each directory).
+        """
+        inode, d = self._dir(ino)
+        if inode.cache_dir == on:
+            return
+        inode.cache_dir = on
+        inode.touch(ctime=True)
+        for child_ino in d.entries.values():
+            child = self.inodes.get(child_ino)
+            if child is not None and child.data is not None:
+                self._cache_check(child)
+
+    def _cache_check(self, inode: Inode) -> None:
+        """Make the file evictable if every name of it is in a cache directory, else not."""
+        data = inode.data
+        if data is None or inode.evicted:
+            return
+        member = inode.nlink > 0 and all(
+            (parent := self.inodes.get(p)) is not None and parent.cache_dir
+            for p, _ in inode.links()
+        )
+        if member:
+            self.reclaim.cache_join(inode.ino, data, inode.opens, inode.kept)
+        else:
+            self.reclaim.cache_leave(inode.ino, data)
+
+    def _evict_file(self, ino: int) -> list[tuple[int, bytes]]:
+        """Reclaim evicts a cache-directory file: remove every name of it and free it.
+
+        Returns the names it had.  The inode lingers, evicted, while the kernel
+        still holds it (see :meth:`inode`).
+        """
+        inode = self.inodes.get(ino)
+        assert inode is not None and inode.data is not None and not inode.opens, inode
+        names = inode.links()
+        for parent, name in names:
+            pinode, d = self._dir(parent)
+            d.remove(name)
+            pinode.touch(mtime=True, ctime=True)
+        inode.parent, inode.name, inode.more_links = 0, None, None
+        inode.nlink = 0
+        inode.evicted = True
+        self.reclaim.forget(ino, inode.vroot, inode.data)  # units, pins, order
+        inode.vroot = None
+        inode.data.free()
+        inode.data = None
+        self._release_if_dead(inode)
+        return names
+
+    # -- paths ------------------------------------------------------------------------
+    def path_of(self, ino: int) -> bytes | None:
+        """A path of the inode from the mount root (its first name); None if it has none."""
+        parts: list[bytes] = []
+        inode = self.inodes.get(ino)
+        while inode is not None and inode.ino != ROOT_INO:
+            if inode.name is None or len(parts) > 4096:
+                return None
+            parts.append(inode.name)
+            inode = self.inodes.get(inode.parent)
+        if inode is None:
+            return None
+        return b"/" + b"/".join(reversed(parts))
 
     # -- directories ------------------------------------------------------------
     def opendir(self, ino: int) -> Inode:
@@ -611,6 +726,39 @@ class Volume:
         for ino, _ in self.reclaim.pins:
             pinned = self.inodes.get(ino)
             assert pinned is not None and pinned.data is not None, f"pins of inode {ino}"
+        self._check_cache_files()
+
+    def _check_cache_files(self) -> None:
+        reclaim = self.reclaim
+        pages = 0
+        for inode in self.inodes:
+            if inode.evicted:
+                assert inode.data is None and inode.nlink == 0 and inode.name is None, inode.ino
+            if inode.data is None:
+                continue
+            links = inode.links()
+            assert len(links) == inode.nlink, (inode.ino, links, inode.nlink)
+            for parent, name in links:
+                d = self.inode(parent).dir
+                assert d is not None and d.entries.get(name) == inode.ino, (inode.ino, name)
+            member = bool(links) and all(self.inode(p).cache_dir for p, _ in links)
+            cache_file = reclaim.cache_files.get(inode.ino)
+            assert member == (cache_file is not None), (inode.ino, member)
+            if cache_file is None:
+                assert inode.data.tally is None
+                continue
+            pages += inode.data.resident_pages
+            assert inode.data.tally is reclaim.cache_pages
+            assert cache_file.opens == inode.opens and cache_file.kept == inode.kept, cache_file
+            held = inode.opens or inode.kept or reclaim.pins.of(inode.ino) is not None
+            queued = not held and inode.data.resident_pages > 0
+            assert (cache_file in reclaim.order) == queued, (cache_file, queued)
+        assert pages == reclaim.cache_pages.pages, (pages, reclaim.cache_pages.pages)
+
+
+def _whole_file(offset: int, length: int, size: int) -> bool:
+    """Whether a mark of (offset, length) names the whole file (0,0 does, whatever the size)."""
+    return offset == 0 and (length == 0 or length >= size)
 
 
 def _byte_range(data: FileData, first: int, end: int) -> tuple[int, int] | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,31 @@ class PurgeUnit:
         return f"<PurgeUnit ino={self.ino} pages=[{self.start},{self.end}) seq={self.seq}{state}>"
 
 
+class CacheFile(PurgeUnit):
+    """A whole file of a cache directory in the purge order: purging it evicts the file.
+
+    Its ``seq`` is the time of its last open, so files and range units share one order,
+    least recently used first.  ``opens`` and ``kept`` mirror the inode (open handles;
+    marked non-volatile as a whole); reclaim queues it only while neither holds it, no pin
+    holds it and it has pages to free.
+    """
+
+    __slots__ = ("kept", "opens")
+
+    def __init__(self, ino: int, seq: int, opens: int, kept: bool) -> None:
+        super().__init__(ino, 0, 0, seq)
+        self.opens = opens
+        self.kept = kept
+
+    def __repr__(self) -> str:
+        held = (
+            f" opens={self.opens}"
+            + (" kept" if self.kept else "")
+            + (" pinned" if self.pinned else "")
+        )
+        return f"<CacheFile ino={self.ino} seq={self.seq}{held}>"
+
+
 class PurgeOrder:
     """The mount-wide order of the units that are not purged, least recently marked first.
 
@@ -83,12 +109,21 @@ class PurgeOrder:
     def __init__(self) -> None:
         self._heap: list[tuple[int, int, int, PurgeUnit]] = []
         self._live = 0
-        self._seq = itertools.count(1)
+        self._last_seq = 0
         self._tick = itertools.count()
 
     def next_seq(self) -> int:
-        """A new mark sequence number, larger than all before."""
-        return next(self._seq)
+        """A new sequence number, larger than all before: the monotonic clock in ns.
+
+        Being a time, the oldest entry's seq also tells its age (:meth:`oldest_age`).
+        """
+        self._last_seq = max(self._last_seq + 1, time.monotonic_ns())
+        return self._last_seq
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest entry was marked or last opened (0.0 if none)."""
+        unit = self.oldest()
+        return 0.0 if unit is None else max(time.monotonic_ns() - unit.seq, 0) / 1e9
 
     def __len__(self) -> int:
         return self._live

@@ -15,9 +15,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.purges: list[tuple[int, PurgeCause, int]] = []
+        self.evictions: list[tuple[int, PurgeCause, int, list[tuple[int, bytes]]]] = []
 
     def purged(self, ino: int, cause: PurgeCause, pages: int) -> None:
         self.purges.append((ino, cause, pages))
+
+    def evicted(
+        self, ino: int, cause: PurgeCause, pages: int, names: list[tuple[int, bytes]]
+    ) -> None:
+        self.evictions.append((ino, cause, pages, names))
 
     def unpublished(self) -> tuple[dict[PurgeCause, int], dict[PurgeCause, int]]:
         return {}, {}
