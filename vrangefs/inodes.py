@@ -91,6 +91,7 @@ class Inode:
         "data",
         "dir",
         "evicted",
+        "ghosts",
         "gid",
         "ino",
         "kept",
@@ -133,6 +134,7 @@ class Inode:
         self.cache_dir = False  # a directory whose files are evicted whole (cache directory)
         self.kept = False  # marked non-volatile as a whole: a cache directory keeps it
         self.evicted = False  # evicted from a cache directory: gone, though the kernel may know it
+        self.ghosts = 0  # names it had when evicted that the kernel has yet to unlink
 
     def links(self) -> list[tuple[int, bytes]]:
         """Every (directory inode, name) of this inode."""
@@ -197,7 +199,7 @@ class Inode:
 
     @property
     def alive(self) -> bool:
-        return self.nlink > 0 or self.lookups > 0 or self.opens > 0
+        return self.nlink > 0 or self.lookups > 0 or self.opens > 0 or self.ghosts > 0
 
 
 class InodeTable:

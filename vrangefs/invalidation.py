@@ -27,13 +27,16 @@ because waiting is an event-loop matter:
   blocks in the kernel.
 
 Evictions of cache-directory files are told to the kernel here too: each name
-the file had is deleted from the kernel's dentry cache (which also gives inotify
-watchers IN_DELETE).  Nobody waits for that: until the kernel has dropped a
-name, the daemon answers requests for the evicted inode with ESTALE, and the
-kernel looks the name up again.  Deleting an entry waits for the directory's
-lock, which a request in our hands may hold while it waits for an invalidation
-(setxattr purge-all on the root): so deletions run in a thread of their own,
-one batch at a time, never in the invalidation threads.
+the file had is deleted from the kernel's dentry cache.  The injected
+``delete_entry`` does it (the adapter unlinks the name through the mount, so
+that inotify watchers get IN_DELETE, or else notifies the kernel); the path it
+needs is looked up first, in the event loop (``name_path``).  Nobody waits for
+that: until the kernel has dropped a name, the daemon answers requests for the
+evicted inode with ESTALE, and the kernel looks the name up again.  Deleting an
+entry waits for the directory's lock, which a request in our hands may hold
+while it waits for an invalidation (setxattr purge-all on the root): so
+deletions run in a thread of their own, one batch at a time, never in the
+invalidation threads.
 
 The kernel calls themselves are injected, so this module knows nothing of
 pyfuse3 and adapter tests can record what is invalidated.
@@ -56,8 +59,13 @@ log = logging.getLogger(__name__)
 INVALIDATION_THREADS = 64
 DELETION_BATCH = 256  # names deleted from the kernel's cache per worker-thread call
 
-DeleteEntry = Callable[[int, bytes, int], None]
-"""Tell the kernel that name *name* of directory *parent*, inode *ino*, is gone (blocking)."""
+DeleteEntry = Callable[[int, bytes, int, "bytes | None"], None]
+"""Tell the kernel that name *name* of directory *parent*, inode *ino*, is gone (blocking).
+
+The last argument is the name's path, if known (from ``name_path``)."""
+
+NamePath = Callable[[int, bytes], "bytes | None"]
+"""The path of name *name* of directory *parent*, for the unlink (None: not reachable)."""
 
 
 class _Flush:
@@ -77,10 +85,14 @@ class Invalidator:
     """Drops the kernel's cached copy of purged pages and orders readers after it."""
 
     def __init__(
-        self, invalidate: Callable[[int], None], delete_entry: DeleteEntry | None = None
+        self,
+        invalidate: Callable[[int], None],
+        delete_entry: DeleteEntry | None = None,
+        name_path: NamePath | None = None,
     ) -> None:
         self._invalidate = invalidate  # blocking: drop the kernel's cache of one inode
         self._delete_entry = delete_entry
+        self._name_path = name_path
         self._deletions: deque[tuple[int, bytes, int]] = deque()
         self._deleting = False
         self._deletion_limiter = trio.CapacityLimiter(1)
@@ -221,20 +233,29 @@ class Invalidator:
         try:
             while self._deletions:
                 count = min(len(self._deletions), DELETION_BATCH)
-                batch = [self._deletions.popleft() for _ in range(count)]
+                name_path = self._name_path
+                batch = [
+                    (parent, name, ino, name_path(parent, name) if name_path else None)
+                    for parent, name, ino in (self._deletions.popleft() for _ in range(count))
+                ]
+                # Abandoned if cancelled: the thread may wait on a request of this very
+                # mount, which nobody serves once the daemon is shutting down.
                 await trio.to_thread.run_sync(
-                    self._delete_batch, batch, limiter=self._deletion_limiter
+                    self._delete_batch,
+                    batch,
+                    limiter=self._deletion_limiter,
+                    abandon_on_cancel=True,
                 )
                 self.entries_deleted += len(batch)
         finally:
             self._deleting = False
 
-    def _delete_batch(self, batch: list[tuple[int, bytes, int]]) -> None:
+    def _delete_batch(self, batch: list[tuple[int, bytes, int, bytes | None]]) -> None:
         assert self._delete_entry is not None
-        for parent, name, ino in batch:
+        for parent, name, ino, path in batch:
             log.debug("evicted: deleting entry %r of directory %d (inode %d)", name, parent, ino)
             try:
-                self._delete_entry(parent, name, ino)
+                self._delete_entry(parent, name, ino, path)
             except Exception:  # a bug: the kernel keeps a stale name, which answers ESTALE
                 log.exception("deleting entry %r of directory %d failed", name, parent)
 

@@ -61,7 +61,11 @@ def build(config: MountConfig) -> Operations:
         pin_limit=config.pin_limit,
         cache_dir=config.cache_dir,
     )
-    return Operations(volume, on_init=functools.partial(_served, config.mountpoint))
+    return Operations(
+        volume,
+        on_init=functools.partial(_served, config.mountpoint),
+        mountpoint=config.mountpoint,
+    )
 
 
 def _served(mountpoint: str) -> None:

@@ -12,10 +12,12 @@ import errno
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from vrangefs import control
 from vrangefs.errors import FsError
@@ -120,12 +122,22 @@ class Operations(pyfuse3.Operations):
         invalidate: Callable[[int], None] | None = None,
         proc: str = "/proc",
         delete_entry: Callable[[int, bytes, int], None] | None = None,
+        mountpoint: str | None = None,
     ) -> None:
+        """*mountpoint*: where the kernel can reach this mount, for unlinking evicted names
+        through it; *invalidate* and *delete_entry* replace the kernel notifications (tests)."""
         super().__init__()
         self.volume = volume
         self._on_init = on_init
+        self._notify_delete = delete_entry or _delete_entry
+        self._mountpoint = os.fsencode(mountpoint) if mountpoint is not None else None
+        # Native ids of our threads that are unlinking evicted names through the mount:
+        # their LOOKUP and UNLINK requests are about ghosts (see Volume.ghost_unlink).
+        self._unlinkers: set[int] = set()
         self.invalidator = Invalidator(
-            invalidate or _invalidate_inode, delete_entry or _delete_entry
+            invalidate or _invalidate_inode,
+            self._remove_evicted,
+            self._name_path if self._mountpoint is not None else None,
         )
         volume.reclaim.listener = self.invalidator
         self.processes = ProcessWatcher(self._process_exited, proc)
@@ -135,6 +147,39 @@ class Operations(pyfuse3.Operations):
         """A process that held pins has exited: its pins go, its units are purgeable again."""
         released = self.volume.release_owner(tgid)
         log.debug("process %d exited: %d pins released", tgid, released)
+
+    # -- evicted names -----------------------------------------------------------------
+    def _name_path(self, parent: int, name: bytes) -> bytes | None:
+        """The path of a name, through the mountpoint (in the event loop)."""
+        assert self._mountpoint is not None
+        directory = self.volume.path_of(parent)
+        if directory is None:
+            return None
+        return self._mountpoint + directory.rstrip(b"/") + b"/" + name
+
+    def _remove_evicted(self, parent: int, name: bytes, ino: int, path: bytes | None) -> None:
+        """Make the kernel drop the name of an evicted file (in the invalidator's thread).
+
+        Best through an unlink of its path, which the kernel makes into IN_DELETE for
+        inotify watchers of the directory; the UNLINK it sends us is recognised as
+        ours by the thread id.  If that fails (no right to unlink there, the path
+        changed, a negative dentry) the ghost is dropped and the kernel is notified.
+        """
+        if path is not None:
+            tid = threading.get_native_id()
+            self._unlinkers.add(tid)
+            try:
+                os.unlink(path)
+                return
+            except OSError as e:
+                log.debug("unlinking evicted %r through the mount: %s", path, e)
+            finally:
+                self._unlinkers.discard(tid)
+        try:
+            trio.from_thread.run_sync(self.volume.bury, parent, name)
+        except trio.RunFinishedError:
+            return  # the daemon is stopping
+        self._notify_delete(parent, name, ino)
 
     def init(self) -> None:
         """The kernel's INIT request arrived: from now on requests are served."""
@@ -166,6 +211,13 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self._unlinkers and ctx.pid in self._unlinkers:
+            ghost = self.volume.ghost_lookup(parent_inode, name)
+            if ghost is not None:  # as it was, for the unlink that follows (not cached)
+                attr = self.attributes(ghost)
+                attr.st_nlink = ghost.ghosts
+                attr.entry_timeout = attr.attr_timeout = 0
+                return attr
         try:
             inode = self.volume.lookup(parent_inode, name)
         except FsError as e:
@@ -262,6 +314,10 @@ class Operations(pyfuse3.Operations):
     async def unlink(
         self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
     ) -> None:
+        if self._unlinkers and ctx.pid in self._unlinkers:
+            if not self.volume.ghost_unlink(parent_inode, name):
+                raise FsError(errno.ENOENT, f"{name!r} is not an evicted name")
+            return
         self.volume.unlink(parent_inode, name)
 
     @_handler

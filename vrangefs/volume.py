@@ -103,6 +103,8 @@ class Volume:
         """
         self.store = store
         self.inodes = InodeTable()
+        # Names of evicted files the kernel has not unlinked yet (see ghost_unlink).
+        self.ghosts: dict[tuple[int, bytes], int] = {}
         self.purged_reads_zeros = purged_reads_zeros
         self.max_inodes = max_inodes if max_inodes is not None else max(store.capacity_pages, 1024)
         uid = os.getuid() if root_uid is None else root_uid
@@ -210,6 +212,7 @@ class Volume:
         inode = self.inodes.new(mode, caller.uid, gid, rdev)
         inode.nlink = 1
         inode.lookups = 1
+        self.bury(parent, name)
         d.add(name, inode.ino)
         inode.add_link(parent, name)
         pinode.touch(mtime=True, ctime=True)
@@ -260,6 +263,7 @@ class Volume:
             raise FsError(errno.ENAMETOOLONG)
         if new_name in d.entries:
             raise FsError(errno.EEXIST)
+        self.bury(new_parent, new_name)
         d.add(new_name, ino)
         inode.add_link(new_parent, new_name)
         inode.nlink += 1
@@ -353,6 +357,7 @@ class Volume:
             else:
                 dst.nlink -= 1
             dst.touch(ctime=True)
+        self.bury(new_parent, new_name)
         nd.add(new_name, src.ino)
         src.add_link(new_parent, new_name)
         if src.is_dir and op is not np:
@@ -615,6 +620,8 @@ class Volume:
             pinode, d = self._dir(parent)
             d.remove(name)
             pinode.touch(mtime=True, ctime=True)
+            self.ghosts[parent, name] = ino
+        inode.ghosts = len(names)
         inode.parent, inode.name, inode.more_links = 0, None, None
         inode.nlink = 0
         inode.evicted = True
@@ -624,6 +631,35 @@ class Volume:
         inode.data = None
         self._release_if_dead(inode)
         return names
+
+    # The kernel learns of an eviction best through an unlink of each name that it makes
+    # itself (the daemon's own worker thread unlinks the path): only then do inotify
+    # watchers of the directory get IN_DELETE.  Until it does, the evicted names are
+    # *ghosts*: gone from their directories for everyone, known only to that unlinker.
+    def ghost_lookup(self, parent: int, name: bytes) -> Inode | None:
+        """The evicted inode a ghost name stood for (counted as a kernel lookup), if any."""
+        ino = self.ghosts.get((parent, name))
+        if ino is None:
+            return None
+        inode = self.inodes.get(ino)
+        assert inode is not None and inode.evicted, (parent, name, ino)
+        inode.lookups += 1
+        return inode
+
+    def ghost_unlink(self, parent: int, name: bytes) -> bool:
+        """The kernel unlinked a ghost name (False if *name* is not one)."""
+        return self.bury(parent, name)
+
+    def bury(self, parent: int, name: bytes) -> bool:
+        """Forget a ghost name: the kernel was told otherwise, or the name is reused."""
+        ino = self.ghosts.pop((parent, name), None)
+        if ino is None:
+            return False
+        inode = self.inodes.get(ino)
+        assert inode is not None and inode.ghosts > 0, (parent, name, ino)
+        inode.ghosts -= 1
+        self._release_if_dead(inode)
+        return True
 
     # -- paths ------------------------------------------------------------------------
     def path_of(self, ino: int) -> bytes | None:
@@ -734,6 +770,8 @@ class Volume:
         for inode in self.inodes:
             if inode.evicted:
                 assert inode.data is None and inode.nlink == 0 and inode.name is None, inode.ino
+                ghosts = sum(1 for ino in self.ghosts.values() if ino == inode.ino)
+                assert ghosts == inode.ghosts, (inode.ino, ghosts, inode.ghosts)
             if inode.data is None:
                 continue
             links = inode.links()
