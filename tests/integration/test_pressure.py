@@ -189,3 +189,37 @@ def test_pressure_purge_off_keeps_volatile_data(mounter: Mounter) -> None:
     assert stats["purge_events"] == 0
     os.setxattr(path, "user.vrange.purge", b"all")
     assert _stats(path)["purge_events_explicit"] == 1
+
+
+@pytest.mark.timeout(90)
+def test_pressure_evicts_cache_directory_files_oldest_first(
+    cgroup_procs: Path | None, mounter: Mounter
+) -> None:
+    procs = cgroup_procs
+    if procs is not None:
+        args = ["--memory-cap", "1G", "--min-free", str(MIN_FREE)]
+        count = 8  # 128 MiB of cache files in a 160 MiB cgroup
+    else:
+        avail = int(_meminfo()["MemAvailable"])
+        args = ["--memory-cap", "1G", "--min-free", str(avail + 512 * MiB)]
+        count = 3
+    path = _mount_in(procs, mounter, [*args, "--cache-dir", "--pressure-interval", "0.1"])
+    plain = path / "plain"
+    plain.mkdir()
+    os.setxattr(plain, "user.vrange.cache_dir", b"0")
+    keep_data = os.urandom(2 * MiB)
+    (plain / "keep.bin").write_bytes(keep_data)
+    files = []
+    for i in range(count):
+        f = path / f"cache{i}.bin"
+        f.write_bytes(bytes([i + 1]) * FILE_SIZE)
+        files.append(f)
+
+    wait_until(lambda: _stats(path)["evicted_files_pressure"] > 0, 30, "an eviction on pressure")
+    stats = _stats(path)
+    assert stats["evicted_files_cap"] == 0, "the cap was never reached"
+    assert stats["evicted_bytes_pressure"] >= FILE_SIZE
+    assert not files[0].exists(), "the least recently opened file goes first"
+    if procs is not None:
+        assert files[-1].read_bytes() == bytes([count]) * FILE_SIZE  # eviction stopped
+    assert (plain / "keep.bin").read_bytes() == keep_data
