@@ -13,7 +13,12 @@ from prometheus_client.registry import Collector
 from vrangefs.protocol import PurgeCause
 
 _RENAMED = {"memory_cap": "memory_cap_bytes"}
-_COUNTERS = (("purged_bytes", "bytes purged"), ("purge_events", "units purged"))
+_COUNTERS = (
+    ("purged_bytes", "bytes purged"),
+    ("purge_events", "units purged"),
+    ("evicted_files", "cache-directory files evicted"),
+    ("evicted_bytes", "resident bytes of evicted files"),
+)
 _PLAIN_COUNTERS = {"pins_released_by_exit": "pins dropped because their process exited"}
 
 
@@ -83,7 +88,7 @@ class _StatsCollector(Collector):
 def prometheus_text(stats: Mapping[str, int | str], mountpoint: str) -> str:
     """The statistics in Prometheus text exposition format, labelled by mount point.
 
-    Purges are counters labelled by cause (:class:`~vrangefs.protocol.PurgeCause`);
+    Purges and evictions are counters labelled by cause (:class:`~vrangefs.protocol.PurgeCause`);
     everything else is a gauge. For node_exporter's textfile collector, e.g. from a timer:
     ``vrangefs stats --prometheus /mnt/cache > /var/lib/node_exporter/vrangefs.prom``.
     """
