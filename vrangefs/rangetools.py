@@ -170,5 +170,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
         raise _os_error("purge", args.mountpoint, e) from None
     freed = int(after.get("purged_bytes_total", 0)) - int(before.get("purged_bytes_total", 0))
     units = int(after.get("purge_events", 0)) - int(before.get("purge_events", 0))
-    print(f"{args.mountpoint}: purged {units} unit(s), {output.size(freed)}")
+    files = int(after.get("evicted_files", 0)) - int(before.get("evicted_files", 0))
+    evicted = int(after.get("evicted_bytes", 0)) - int(before.get("evicted_bytes", 0))
+    line = f"{args.mountpoint}: purged {units} unit(s), {output.size(freed)}"
+    if files or int(after.get("cache_dir_files", 0)):
+        line += f"; evicted {files} file(s), {output.size(evicted)}"
+    print(line)
     return 0

@@ -407,3 +407,20 @@ def test_processes_in_another_user_see_misses_not_errors(mounter: Mounter) -> No
     assert as_nobody(fill) == []  # nobody's files evict each other: no ENOSPC
     assert len(names(mount.path)) == 4
     assert in_child(lambda: sorted(names(mount.path))) == [f"u{i}" for i in range(4, 8)]
+
+
+def test_purge_all_evicts_every_closed_cache_file(mounter: Mounter) -> None:
+    mount = cache_mount(mounter, "16M")
+    for i in range(4):
+        assert dd(mount.path / f"f{i}", 1, f"f{i}").returncode == 0
+    subprocess.run(
+        ["setfattr", "-n", "user.vrange.nonvolatile", "-v", "0,0", mount.path / "f0"], check=True
+    )
+    with held_open(mount.path / "f1"):
+        result = run_cli(["purge", str(mount.path)])
+        assert result.returncode == 0, result.stderr
+        assert "evicted 2 file(s), 2.0 MiB" in result.stdout, result.stdout
+        assert names(mount.path) == {"f0", "f1"}
+    s = stats(mount.path)
+    assert s["evicted_files_explicit"] == 2 and s["evicted_bytes_explicit"] == 2 * MIB
+    assert s["cache_dir_files"] == 2 and s["cache_dir_bytes"] == 2 * MIB
