@@ -150,29 +150,30 @@ class Operations(pyfuse3.Operations):
 
     # -- evicted names -----------------------------------------------------------------
     def _name_path(self, parent: int, name: bytes) -> bytes | None:
-        """The path of a name, through the mountpoint (in the event loop)."""
-        assert self._mountpoint is not None
-        directory = self.volume.path_of(parent)
-        if directory is None:
-            return None
-        return self._mountpoint + directory.rstrip(b"/") + b"/" + name
+        """The mount-relative path of a name's directory (in the event loop)."""
+        return self.volume.path_of(parent)
 
     def _remove_evicted(self, parent: int, name: bytes, ino: int, path: bytes | None) -> None:
         """Make the kernel drop the name of an evicted file (in the invalidator's thread).
 
-        Best through an unlink of its path, which the kernel makes into IN_DELETE for
+        Best through an unlink of the name, which the kernel makes into IN_DELETE for
         inotify watchers of the directory; the UNLINK it sends us is recognised as
-        ours by the thread id.  If that fails (no right to unlink there, the path
-        changed, a negative dentry) the ghost is dropped and the kernel is notified.
+        ours by the thread id.  If that fails (no right to unlink there, the
+        directory moved, a negative dentry) the ghost is dropped and the kernel is
+        notified.  *path* is the directory's path in the mount.
         """
-        if path is not None:
+        if path is not None and self._mountpoint is not None:
             tid = threading.get_native_id()
             self._unlinkers.add(tid)
             try:
-                os.unlink(path)
+                directory = self._open_directory(path, parent)
+                try:
+                    os.unlink(name, dir_fd=directory)
+                finally:
+                    os.close(directory)
                 return
             except OSError as e:
-                log.debug("unlinking evicted %r through the mount: %s", path, e)
+                log.debug("unlinking evicted %r in %r through the mount: %s", name, path, e)
             finally:
                 self._unlinkers.discard(tid)
         try:
@@ -180,6 +181,32 @@ class Operations(pyfuse3.Operations):
         except trio.RunFinishedError:
             return  # the daemon is stopping
         self._notify_delete(parent, name, ino)
+
+    def _open_directory(self, path: bytes, ino: int) -> int:
+        """An O_PATH descriptor of directory *ino* of this mount, found by *path*.
+
+        The daemon may run as root and users can rename and symlink at will in the
+        mount, so the walk follows no symlink (O_NOFOLLOW at every step) and the
+        result must be this mount's directory *ino*, or OSError: an unlink through
+        it can reach nothing else.
+        """
+        assert self._mountpoint is not None
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self._mountpoint, flags)
+        try:
+            device = os.fstat(fd).st_dev
+            for part in path.split(b"/"):
+                if part:
+                    child = os.open(part, flags, dir_fd=fd)
+                    os.close(fd)
+                    fd = child
+            st = os.fstat(fd)
+            if st.st_dev != device or st.st_ino != ino:
+                raise OSError(errno.ESTALE, f"{path!r} is no longer directory {ino}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def init(self) -> None:
         """The kernel's INIT request arrived: from now on requests are served."""
