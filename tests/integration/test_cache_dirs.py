@@ -333,7 +333,9 @@ def test_eviction_racing_with_open_rename_link_unlink(mounter: Mounter) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             tag = f"w{count}"
-            (dirs[count % 3] / tag).write_bytes(body(tag, 256 * 1024))
+            temp = dirs[count % 3] / f".tmp-{tag}"  # written, then renamed: as caches do
+            temp.write_bytes(body(tag, 256 * 1024))
+            os.rename(temp, dirs[count % 3] / tag)
             count += 1
         return count
 
@@ -344,7 +346,7 @@ def test_eviction_racing_with_open_rename_link_unlink(mounter: Mounter) -> None:
         while time.monotonic() < deadline:
             d = rng.choice(dirs)
             try:
-                entries = os.listdir(d)
+                entries = [e for e in os.listdir(d) if not e.startswith(".tmp")]
             except OSError as e:
                 raise AssertionError(f"listdir: {e}") from e
             if not entries:
