@@ -223,6 +223,8 @@ def stats(volume: Volume) -> dict[str, int | str]:
         daemon_rss_bytes=rss,
         metadata_bytes=max(rss - resident, 0),
     )
+    if volume.reclaim.observer is not None:  # the event stream's socket and counters
+        out.update(volume.reclaim.observer.statistics())
     return out
 
 

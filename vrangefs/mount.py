@@ -118,6 +118,7 @@ async def _serve(ops: Operations, config: MountConfig) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
         nursery.start_soon(ops.invalidator.run)
+        await nursery.start(ops.events.serve)  # its socket is named before requests are served
         nursery.start_soon(ops.processes.run)
         if config.pressure is not None:
             nursery.start_soon(

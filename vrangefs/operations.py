@@ -21,6 +21,7 @@ import trio
 
 from vrangefs import control
 from vrangefs.errors import FsError
+from vrangefs.events import EventHub
 from vrangefs.inodes import Inode
 from vrangefs.invalidation import Invalidator
 from vrangefs.owners import ProcessWatcher
@@ -140,6 +141,8 @@ class Operations(pyfuse3.Operations):
             self._name_path if self._mountpoint is not None else None,
         )
         volume.reclaim.listener = self.invalidator
+        self.events = EventHub(volume.path_of)  # `vrangefs events`; served by mount.py
+        volume.reclaim.observer = self.events
         self.processes = ProcessWatcher(self._process_exited, proc)
         volume.reclaim.pins.listener = self.processes
 

@@ -19,7 +19,10 @@ _COUNTERS = (
     ("evicted_files", "cache-directory files evicted"),
     ("evicted_bytes", "resident bytes of evicted files"),
 )
-_PLAIN_COUNTERS = {"pins_released_by_exit": "pins dropped because their process exited"}
+_PLAIN_COUNTERS = {
+    "pins_released_by_exit": "pins dropped because their process exited",
+    "events_dropped": "events the event stream's subscribers lost by reading too slowly",
+}
 
 
 def size(n: int) -> str:

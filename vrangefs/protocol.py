@@ -364,3 +364,26 @@ def read_stats(mountpoint: str | os.PathLike[str] | int) -> dict[str, int | str]
 def int_stats(stats: Mapping[str, int | str]) -> dict[str, int]:
     """The integer statistics (today all of them), typed as such for arithmetic."""
     return {key: value for key, value in stats.items() if isinstance(value, int)}
+
+
+# -- the event stream (vrangefs events) ------------------------------------------------------
+EVENTS_SOCKET = "events_socket"
+"""The statistic naming the daemon's event socket: ``@`` and its abstract name, or empty."""
+
+
+def event_socket_name(address: bytes | str) -> str:
+    """How the stats show an abstract Unix socket address (``b"\\0" + name``): ``@name``.
+
+    The daemon's name is picked by the kernel (autobind): five hex digits.
+    """
+    raw = address.encode() if isinstance(address, str) else address
+    if not raw.startswith(b"\0") or not raw[1:].isascii() or not raw[1:].isalnum():
+        raise ValueError(f"not an autobound abstract socket address: {raw!r}")
+    return "@" + raw[1:].decode()
+
+
+def event_socket_address(name: str) -> bytes:
+    """The address to connect to for a name as the stats show it (``@name``)."""
+    if not name.startswith("@") or not name[1:].isascii() or not name[1:].isalnum():
+        raise ValueError(f"not an event socket name: {name!r}")
+    return b"\0" + name[1:].encode()

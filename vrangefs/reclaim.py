@@ -86,6 +86,10 @@ class ReclaimObserver(Protocol):
 
     def evicted(self, ino: int, cause: PurgeCause, pages: int, names: list[Link]) -> None: ...
 
+    def statistics(self) -> dict[str, int | str]:
+        """Its own figures, appended to the mount statistics."""
+        ...
+
 
 FileOf = Callable[[int], tuple[FileData, VrangeRoot | None]]
 """Maps an inode number to its data and volatile ranges, if any (the inode table's view)."""
