@@ -44,7 +44,8 @@ CLI: dict[str, set[str]] = {
     "rangetools": {"client", "config", "output", "protocol"},
     "unmount": {"config", "mountinfo", "protocol"},
     "launch": {"config", "memory", "mount", "mountinfo", "unmount"},  # runs the daemon
-    "cli": {"config", "launch", "rangetools", "unmount"},
+    "subscribe": {"client", "config", "protocol"},  # the event stream's reader: plain sockets
+    "cli": {"config", "launch", "rangetools", "subscribe", "unmount"},
 }
 
 

@@ -2,7 +2,8 @@
 
 The work is done elsewhere, one module per job: :mod:`vrangefs.config` (option values),
 :mod:`vrangefs.launch` (mounting and running the daemon), :mod:`vrangefs.unmount`,
-:mod:`vrangefs.rangetools` (the volatile-range tools) and :mod:`vrangefs.output`.
+:mod:`vrangefs.rangetools` (the volatile-range tools), :mod:`vrangefs.subscribe` (the
+event stream) and :mod:`vrangefs.output`.
 Every command reports a user error as one line on stderr naming what is wrong, and exits 1
 without a traceback (:class:`~vrangefs.config.UserError`); argparse itself exits 2 on a
 command line it cannot parse.  The man pages vrangefs(1) and mount.vrangefs(8) are generated
@@ -16,7 +17,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vrangefs import config, launch, rangetools, unmount
+from vrangefs import config, launch, rangetools, subscribe, unmount
 from vrangefs.config import DEFAULTS, UserError
 
 __all__ = ["UserError", "build_mount_helper_parser", "build_parser", "main", "mount_helper"]
@@ -235,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("purge", help=text, description=text)
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the root of a vrangefs mount")
     p.set_defaults(func=rangetools.cmd_purge)
+
+    text = (
+        "print one JSON line per purge or eviction on a mount as it happens (time, cause, "
+        "paths, byte ranges, bytes freed), until interrupted; root and the daemon's user only"
+    )
+    p = sub.add_parser("events", help=text, description=text)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="the root of a vrangefs mount")
+    p.add_argument(
+        "--count",
+        metavar="N",
+        type=int,
+        help="exit with status 0 after N purge or evict lines (default: run until interrupted)",
+    )
+    p.set_defaults(func=subscribe.cmd_events)
     return parser
 
 
