@@ -33,7 +33,7 @@ _RANGE = "bytes, K/M/G/T suffixes allowed"
 _OPTIONS_HELP = (
     "comma-separated mount options; may be repeated. size=SIZE (or memory_cap=), "
     "purged_reads=, high_watermark=, low_watermark=, pressure_purge=, min_free=, pin_limit=, "
-    "cache_dir and debug "
+    "metadata_cap=, cache_dir and debug "
     "set the options of the same names (an -o setting wins over the long option); "
     "mode=OCTAL, uid=N and gid=N set the root directory's mode (default 1777) and owner, as "
     "on tmpfs; mount(8)'s own options (defaults, noauto, nofail, _netdev, user, x-*, ...) "
@@ -43,7 +43,8 @@ _HELPER_OPTIONS_HELP = (
     "comma-separated mount options; may be repeated. size=SIZE: the memory cap, bytes with "
     "an optional K, M, G or T suffix or a percentage of RAM (default 50%%); "
     "purged_reads=eio|zeros; high_watermark=PCT; low_watermark=PCT; pressure_purge=on|off; "
-    "min_free=SIZE; pin_limit=SIZE; cache_dir; debug: as the vrangefs mount options of these "
+    "min_free=SIZE; pin_limit=SIZE; metadata_cap=SIZE; cache_dir; debug: as the vrangefs mount "
+    "options of these "
     "names, see "
     "vrangefs(1). "
     "mode=OCTAL, uid=N and gid=N set the root directory's mode (default 1777) and owner, as "
@@ -125,6 +126,16 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
         help="the bytes one user may keep pinned (user.vrange.pin), each process's pin of a "
         "range counted once: bytes with an optional K, M, G or T suffix, or a percentage of "
         "the memory cap; a pin past it fails with EDQUOT (default %(default)s)",
+    )
+    p.add_argument(
+        "--metadata-cap",
+        metavar="SIZE",
+        default=DEFAULTS["metadata_cap"],
+        help="cap on what the daemon holds besides file data (inodes, names, xattrs, volatile "
+        "units, pins, page tables), like tmpfs's nr_inodes but in bytes: bytes with an optional "
+        "K, M, G or T suffix (at least 1M), a percentage of the memory cap, or auto: the larger "
+        "of 64M and 10%% of the memory cap; what would pass it fails with ENOSPC (default "
+        "%(default)s)",
     )
     p.add_argument(
         "--cache-dir",

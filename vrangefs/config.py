@@ -51,6 +51,7 @@ class MountConfig:
     pressure: PressureConfig | None = None
     pin_limit: int | None = None  # bytes one user may keep pinned; None: half the cap
     cache_dir: bool = False  # the whole mount is a cache directory
+    metadata_cap: int | None = None  # bytes of daemon metadata; None: the default
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ DEFAULTS: dict[str, str] = {
     "min_free": "5%",
     "pressure_interval": "0.5",
     "pin_limit": "50%",
+    "metadata_cap": "auto",
 }
 """Every setting with its default, as text; the long option is ``--`` + the name with dashes."""
 
@@ -85,6 +87,7 @@ OPTION_ALIASES: dict[str, str] = {
     "pressure_purge": "pressure_purge",
     "min_free": "min_free",
     "pin_limit": "pin_limit",
+    "metadata_cap": "metadata_cap",
 }
 """``-o NAME=VALUE`` options that set a setting (tmpfs's names where it has one)."""
 
@@ -112,6 +115,8 @@ ROOT_OPTIONS = ("mode", "uid", "gid")
 
 MAX_ID = 2**32 - 2
 """The largest uid or gid: 2**32 - 1 is (uid_t) -1, "no id", to the kernel."""
+
+MIN_METADATA_CAP = 1 << 20  # the root and a few files need some
 
 MIN_INTERVAL = 0.01
 MAX_INTERVAL = 3600.0
@@ -338,6 +343,23 @@ def parse_pin_limit(setting: Setting, cap: int) -> int:
         ) from None
 
 
+def parse_metadata_cap(setting: Setting, cap: int) -> int | None:
+    """The metadata budget: ``auto`` (None: the larger of 64 MiB and 10% of the cap),
+    a size, or a percentage of the memory cap."""
+    if setting.text == "auto":
+        return None
+    try:
+        value = parse_size(setting.text, cap)
+    except ValueError:
+        value = 0
+    if value < MIN_METADATA_CAP:
+        raise setting.invalid(
+            "expected auto, a number of bytes of at least 1M with an optional K/M/G/T suffix "
+            "(powers of 1024), e.g. 128M, or a percentage of the memory cap, e.g. 20%"
+        ) from None
+    return value
+
+
 def parse_interval(setting: Setting) -> float:
     """Seconds between memory readings: a finite number from MIN_INTERVAL to MAX_INTERVAL."""
     try:
@@ -385,6 +407,7 @@ def build_config(
         interval=parse_interval(settings["pressure_interval"]),
     )
     pin_limit = parse_pin_limit(settings["pin_limit"], cap)
+    metadata_cap = parse_metadata_cap(settings["metadata_cap"], cap)
     root = sorted_options.root
     config = MountConfig(
         mountpoint=mountpoint,
@@ -396,6 +419,7 @@ def build_config(
         pressure=pressure if pressure_on else None,
         pin_limit=pin_limit,
         cache_dir=sorted_options.cache_dir,
+        metadata_cap=metadata_cap,
         root_mode=root.get("mode", 0o1777),
         root_uid=root.get("uid"),
         root_gid=root.get("gid"),

@@ -178,9 +178,9 @@ def _get_stats(volume: Volume, ino: int) -> bytes:
 def stats(volume: Volume) -> dict[str, int | str]:
     """The mount statistics, in the order they are printed.
 
-    ``metadata_bytes`` is the daemon's RSS minus resident data: the interpreter,
-    inode table, page tables and interval trees, everything that is not file
-    data.
+    ``metadata_bytes`` is the metadata budget's count (:mod:`vrangefs.budget`):
+    what the daemon holds besides file data, as estimated object by object;
+    ``daemon_rss_bytes`` is what the process really uses, interpreter included.
     """
     r = volume.reclaim.statistics()
     resident = r.resident_pages * PAGE_SIZE
@@ -221,7 +221,8 @@ def stats(volume: Volume) -> dict[str, int | str]:
         high_watermark_bytes=r.high_pages * PAGE_SIZE,
         low_watermark_bytes=r.low_pages * PAGE_SIZE,
         daemon_rss_bytes=rss,
-        metadata_bytes=max(rss - resident, 0),
+        metadata_bytes=volume.budget.used,
+        metadata_cap=volume.budget.cap,
     )
     if volume.reclaim.observer is not None:  # the event stream's socket and counters
         out.update(volume.reclaim.observer.statistics())

@@ -60,6 +60,7 @@ def build(config: MountConfig) -> Operations:
         low_watermark=config.low_watermark,
         pin_limit=config.pin_limit,
         cache_dir=config.cache_dir,
+        metadata_cap=config.metadata_cap,
     )
     return Operations(
         volume,

@@ -96,6 +96,7 @@ class PageStore:
         self._free: list[int] = []
         self._bump = 0  # slots >= _bump have never been handed out
         self.used_pages = 0
+        self.chunks = 0  # page-table chunks of all files (metadata, see vrangefs.budget)
         self._can_populate = True
 
     # -- accounting -------------------------------------------------------
@@ -364,6 +365,7 @@ class FileData:
             chunk = chunks.get(ci)
             if chunk is None:
                 chunk = chunks[ci] = array("i", _EMPTY_CHUNK)
+                store.chunks += 1
                 chunk[lo:hi] = array("i", store.alloc_many(hi - lo))
                 self._resident(hi - lo)
             else:
@@ -413,6 +415,7 @@ class FileData:
                 chunk[i] = HOLE
             if lo == 0:
                 del self._chunks[ci]
+                self.store.chunks -= 1
         self._resident(-len(freed))
         self.store.release(freed)
 
@@ -433,6 +436,17 @@ class FileData:
         self._resident(-len(freed))
         self.store.release(freed)
         return len(freed)
+
+    def new_chunks(self, off: int, length: int) -> int:
+        """How many page-table chunks a write of *length* bytes at *off* would add."""
+        if length <= 0:
+            return 0
+        first = off >> (PAGE_SHIFT + CHUNK_SHIFT)
+        last = (off + length - 1) >> (PAGE_SHIFT + CHUNK_SHIFT)
+        chunks = self._chunks
+        if last - first > len(chunks):
+            return last - first + 1 - sum(1 for ci in chunks if first <= ci <= last)
+        return sum(1 for ci in range(first, last + 1) if ci not in chunks)
 
     def any_purged(self, first: int, end: int) -> bool:
         """Whether a page in [first, end) is purged (cost: the chunks that exist there)."""

@@ -116,6 +116,7 @@ class PinTable:
         self._owners: dict[int, set[tuple[int, int, int]]] = {}  # tgid -> {(ino, start, end)}
         self._charged: Counter[int] = Counter()  # uid -> pages
         self.pins = 0  # live pins, counted
+        self.records = 0  # distinct (inode, range, process) pins: what holding them costs
         self.pinned_pages = 0  # pages charged, all users
         self.released_by_exit = 0  # pins (counted) dropped because their process exited
 
@@ -168,6 +169,7 @@ class PinTable:
         self._charged[uid] += pages
         self.pinned_pages += pages
         self.pins += 1
+        self.records += 1
         return True
 
     def unpin(self, ino: int, start: int, end: int, tgid: int) -> bool:
@@ -218,6 +220,7 @@ class PinTable:
     def _drop(self, ino: int, pins: InodePins, key: tuple[int, int, int]) -> None:
         start, end, tgid = key
         pin = pins._remove(key)
+        self.records -= 1
         if not pins.pins:
             del self._inodes[ino]
         pages = end - start

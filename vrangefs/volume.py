@@ -18,6 +18,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from vrangefs import budget
+from vrangefs.budget import MetadataBudget, MetadataFullError
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO, Directory, Inode, InodeTable, now_ns
 from vrangefs.pagestore import (
@@ -96,10 +98,13 @@ class Volume:
         low_watermark: float = 0.95,
         pin_limit: int | None = None,
         cache_dir: bool = False,
+        metadata_cap: int | None = None,
     ) -> None:
         """*pin_limit*: the bytes one user may keep pinned (default: half the cap).
 
         *cache_dir*: the whole mount is a cache directory (inherited by every directory).
+        *metadata_cap*: the bytes of metadata the daemon may hold (default: the larger of
+        64 MiB and a tenth of the cap; see :mod:`vrangefs.budget`).
         """
         self.store = store
         self.inodes = InodeTable()
@@ -118,6 +123,10 @@ class Volume:
         if pin_limit is None:
             pin_limit = store.cap_bytes // 2
         self.pin_limit = pin_limit // PAGE_SIZE * PAGE_SIZE
+        if metadata_cap is None:
+            metadata_cap = default_metadata_cap(store.cap_bytes)
+        self.budget = MetadataBudget(metadata_cap)
+        self.budget.force(budget.INODE_BYTES + budget.DIRECTORY_BYTES)  # the root
         self.reclaim = Reclaim(
             store,
             self._file_of,
@@ -126,6 +135,9 @@ class Volume:
             low_watermark=low_watermark,
             pin_limit_pages=pin_limit // PAGE_SIZE,
         )
+        self.budget.count(lambda: self.reclaim.units, budget.UNIT_BYTES)
+        self.budget.count(lambda: self.reclaim.pins.records, budget.PIN_BYTES)
+        self.budget.count(lambda: store.chunks, budget.CHUNK_BYTES)
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -185,6 +197,7 @@ class Volume:
         """
         if inode.alive or inode.ino == ROOT_INO:
             return
+        self.budget.force(-_inode_bytes(inode))
         if inode.data is not None:
             self.reclaim.forget(inode.ino, inode.vroot, inode.data)  # its units and pins
             inode.vroot = None
@@ -193,8 +206,9 @@ class Volume:
 
     # -- creating -----------------------------------------------------------
     def _new_child(
-        self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0
+        self, parent: int, name: bytes, mode: int, caller: Caller, rdev: int = 0, extra: int = 0
     ) -> Inode:
+        """A new inode named *name* in *parent*; *extra*: its metadata beyond inode and name."""
         pinode, d = self._dir(parent)
         if len(name) > NAME_MAX:
             raise FsError(errno.ENAMETOOLONG)
@@ -204,6 +218,7 @@ class Volume:
             raise FsError(errno.ENOENT, "parent directory was removed")
         if len(self.inodes) >= self.max_inodes:
             raise FsError(errno.ENOSPC, "inode limit reached")
+        self._charge(budget.INODE_BYTES + budget.name_bytes(name) + extra, f"creating {name!r}")
         gid = caller.gid
         if pinode.mode & stat.S_ISGID:  # BSD group semantics under a setgid directory
             gid = pinode.gid
@@ -224,14 +239,17 @@ class Volume:
             mode |= stat.S_IFREG
         elif fmt not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
             raise FsError(errno.EINVAL, f"mknod of unsupported type {oct(fmt)}")
-        inode = self._new_child(parent, name, mode, caller, rdev)
+        extra = budget.FILE_BYTES if stat.S_ISREG(mode) else 0
+        inode = self._new_child(parent, name, mode, caller, rdev, extra)
         if stat.S_ISREG(mode):
             inode.data = FileData(self.store)
             self._cache_check(inode)
         return inode
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
-        inode = self._new_child(parent, name, stat.S_IFDIR | (mode & 0o7777), caller)
+        inode = self._new_child(
+            parent, name, stat.S_IFDIR | (mode & 0o7777), caller, extra=budget.DIRECTORY_BYTES
+        )
         inode.dir = Directory()
         inode.nlink = 2
         pinode = self.inode(parent)
@@ -242,7 +260,9 @@ class Volume:
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Inode:
         if len(target) >= 4096:
             raise FsError(errno.ENAMETOOLONG)
-        inode = self._new_child(parent, name, stat.S_IFLNK | 0o777, caller)
+        inode = self._new_child(
+            parent, name, stat.S_IFLNK | 0o777, caller, extra=budget.SYMLINK_BYTES + len(target)
+        )
         inode.target = target
         return inode
 
@@ -263,6 +283,7 @@ class Volume:
             raise FsError(errno.ENAMETOOLONG)
         if new_name in d.entries:
             raise FsError(errno.EEXIST)
+        self._charge(budget.name_bytes(new_name), f"linking {new_name!r}")
         self.bury(new_parent, new_name)
         d.add(new_name, ino)
         inode.add_link(new_parent, new_name)
@@ -280,6 +301,7 @@ class Volume:
         if inode.is_dir:
             raise FsError(errno.EISDIR)
         d.remove(name)
+        self.budget.force(-budget.name_bytes(name))
         inode.drop_link(parent, name)
         inode.nlink -= 1
         inode.touch(ctime=True)
@@ -295,6 +317,7 @@ class Volume:
         if len(inode.dir):
             raise FsError(errno.ENOTEMPTY)
         d.remove(name)
+        self.budget.force(-budget.name_bytes(name))
         inode.drop_link(parent, name)
         inode.nlink = 0
         inode.touch(ctime=True)
@@ -347,9 +370,12 @@ class Volume:
             elif dst.is_dir:
                 raise FsError(errno.EISDIR)
         od.remove(old_name)
+        # A longer name may take the count past the cap: a rename never fails for it.
+        self.budget.force(budget.name_bytes(new_name) - budget.name_bytes(old_name))
         src.drop_link(old_parent, old_name)
         if dst is not None:
             nd.remove(new_name)
+            self.budget.force(-budget.name_bytes(new_name))
             dst.drop_link(new_parent, new_name)
             if dst.is_dir:
                 dst.nlink = 0
@@ -442,6 +468,9 @@ class Volume:
 
     def write(self, ino: int, off: int, buf: bytes) -> int:
         inode, data = self._regular(ino)
+        chunks = data.new_chunks(off, len(buf))
+        if chunks:
+            self._charge(chunks * budget.CHUNK_BYTES, f"inode {ino}: page tables", count=False)
         try:
             written = self.reclaim.write(inode.vroot, data, off, buf)
         except NoSpaceError as e:
@@ -477,6 +506,7 @@ class Volume:
     def mark_volatile(self, ino: int, offset: int, length: int) -> None:
         """Make the pages wholly inside the byte range volatile (one new purge unit)."""
         inode, data = self._regular(ino)
+        self._charge(budget.UNIT_BYTES, f"inode {ino}: a volatile unit", count=False)
         if _whole_file(offset, length, data.size) and inode.kept:
             inode.kept = False
             self.reclaim.cache_keep(ino, data, kept=False)
@@ -524,6 +554,9 @@ class Volume:
         pages = pin_pages(offset, length, data.size)
         if pages is None:
             return
+        held = self.reclaim.pins.of(ino)
+        if held is None or (*pages, tgid) not in held.pins:
+            self._charge(budget.PIN_BYTES, f"inode {ino}: a pin", count=False)
         try:
             self.reclaim.pin(ino, *pages, tgid, uid)
         except PinLimitError as e:
@@ -619,6 +652,7 @@ class Volume:
         for parent, name in names:
             pinode, d = self._dir(parent)
             d.remove(name)
+            self.budget.force(-budget.name_bytes(name))
             pinode.touch(mtime=True, ctime=True)
             self.ghosts[parent, name] = ino
         inode.ghosts = len(names)
@@ -629,6 +663,7 @@ class Volume:
         inode.vroot = None
         inode.data.free()
         inode.data = None
+        self.budget.force(-budget.FILE_BYTES)
         self._release_if_dead(inode)
         return names
 
@@ -704,6 +739,14 @@ class Volume:
             raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} not supported")
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG)
+        old = inode.xattrs.get(name) if inode.xattrs is not None else None
+        cost = budget.xattr_bytes(name, value)
+        if old is not None:
+            cost -= budget.xattr_bytes(name, old)
+        if cost > 0:
+            self._charge(cost, f"inode {ino}: xattr {name!r}")
+        else:
+            self.budget.force(cost)
         if inode.xattrs is None:
             inode.xattrs = {}
         inode.xattrs[name] = bytes(value)
@@ -719,8 +762,20 @@ class Volume:
             raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} not supported")
         if not inode.xattrs or name not in inode.xattrs:
             raise FsError(errno.ENODATA)
-        del inode.xattrs[name]
+        self.budget.force(-budget.xattr_bytes(name, inode.xattrs.pop(name)))
         inode.touch(ctime=True)
+
+    # -- the metadata budget ------------------------------------------------------------
+    def _charge(self, nbytes: int, what: str, *, count: bool = True) -> None:
+        """ENOSPC, changing nothing, if *nbytes* more metadata would pass the cap; else
+        count them (*count*) or leave them to be counted where they are kept."""
+        try:
+            if count:
+                self.budget.charge(nbytes, what)
+            else:
+                self.budget.check(nbytes, what)
+        except MetadataFullError as e:
+            raise FsError(errno.ENOSPC, str(e)) from None
 
     # -- whole filesystem ------------------------------------------------------------
     def statfs(self) -> FsStats:
@@ -763,6 +818,15 @@ class Volume:
             pinned = self.inodes.get(ino)
             assert pinned is not None and pinned.data is not None, f"pins of inode {ino}"
         self._check_cache_files()
+        charged = chunks = 0
+        for inode in self.inodes:
+            charged += _inode_bytes(inode)
+            if inode.dir is not None:
+                charged += sum(budget.name_bytes(name) for name in inode.dir.entries)
+            if inode.data is not None:
+                chunks += len(inode.data._chunks)
+        assert charged == self.budget.charged, (charged, self.budget.charged)
+        assert chunks == self.store.chunks, (chunks, self.store.chunks)
 
     def _check_cache_files(self) -> None:
         reclaim = self.reclaim
@@ -792,6 +856,25 @@ class Volume:
             queued = not held and inode.data.resident_pages > 0
             assert (cache_file in reclaim.order) == queued, (cache_file, queued)
         assert pages == reclaim.cache_pages.pages, (pages, reclaim.cache_pages.pages)
+
+
+def default_metadata_cap(cap_bytes: int) -> int:
+    """The larger of 64 MiB and a tenth of the memory cap."""
+    return max(64 << 20, cap_bytes // 10)
+
+
+def _inode_bytes(inode: Inode) -> int:
+    """What an inode is charged, its names apart (they go with their directory entries)."""
+    total = budget.INODE_BYTES
+    if stat.S_ISREG(inode.mode) and not inode.evicted:  # an evicted file's data is freed
+        total += budget.FILE_BYTES
+    if inode.dir is not None:
+        total += budget.DIRECTORY_BYTES
+    if inode.target is not None:
+        total += budget.SYMLINK_BYTES + len(inode.target)
+    if inode.xattrs:
+        total += sum(budget.xattr_bytes(n, v) for n, v in inode.xattrs.items())
+    return total
 
 
 def _whole_file(offset: int, length: int, size: int) -> bool:
