@@ -17,12 +17,15 @@ Several processes may use one cache at once.  What makes that safe:
   volatile before anything is written.  A writer that dies at any point leaves nothing that
   the filesystem cannot purge; :meth:`CacheStore.sweep` removes the names it leaves.  If the
   filesystem purges the object while it is being written, it is not published.
-* **Readers pin, and the last reader out unpins.**  Volatility belongs to the inode, not to a
-  process, so two readers pinning the same object with plain ``mark_nonvolatile`` /
-  ``mark_volatile`` would unpin it under each other.  Readers therefore hold a shared
-  ``flock`` while pinned; on the way out a reader makes the object volatile again only if it
-  can take the lock exclusively (nobody else is reading).  Pins are taken *after* opening,
-  and what was purged is read *after* pinning, so a purge between open and pin is seen.
+* **Readers pin.**  A reader holds a real pin of its process on the object while it reads
+  (``system.vrange.pin``, through :func:`vrangefs.client.pinned`): nothing purges a pinned
+  page, and pins are counted and owned by processes, so readers in several processes never
+  unpin the object under each other, and the pins of a reader that dies go with it.  The
+  object stays volatile throughout (pins, not non-volatile marks, protect the read).  Pins
+  are taken *after* opening, and what was purged is read *after* pinning, so a purge between
+  open and pin is seen; after the pin nothing can purge the object.  A reader that found it
+  intact marks it volatile again before unpinning, which makes it the newest purge unit:
+  the filesystem purges the least recently *used* objects first.
 * **Everything is checked.**  A purged object, a read that fails with EIO, a vanished file
   (ENOENT at any point) and content whose hash is not its name are all misses.  A damaged
   object is removed without ever removing a fresh one that another process published under
@@ -41,7 +44,6 @@ is a miss (or a put kept only locally), counted and logged.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import io
 import os
@@ -418,7 +420,7 @@ class CacheStore:
     def _refresh(self, path: Path, size: int) -> bool:
         """True if an intact object of *size* bytes is at *path*; it becomes most recently used.
 
-        Pinning and unpinning it makes a new purge unit, which is purged last.
+        It is pinned, checked and marked volatile again (:meth:`_pinned`): the newest unit.
         """
         try:
             f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below, with the pin)
@@ -642,30 +644,24 @@ class CacheStore:
 
     @contextmanager
     def _pinned(self, fd: int) -> Iterator[list[tuple[int, int]]]:
-        """Keep the open object non-volatile inside the block; yield its purged ranges.
+        """Pin the open object inside the block; yield its purged ranges (empty: intact).
 
-        Every pinner holds a shared flock; leaving, it makes the object volatile again only
-        if it can take the lock exclusively, that is when no other process still reads.  A
-        pinner that cannot leaves that to the other one, which does the same when it leaves,
-        so the last one out always re-marks.  Nothing to do on a non-volatile cache.
+        A counted pin of this process on the whole object (:func:`vrangefs.client.pinned`),
+        dropped however the block is left; other processes' pins of the same object are
+        theirs, so the object is purgeable again only once the last reader is out.  Its
+        volatility is not changed, except that a block that ends normally on an intact object
+        marks it volatile again, while still pinned: it becomes the newest purge unit, purged
+        last (a reader without write permission on it cannot, and leaves it where it was).
+        Nothing to do on a non-volatile cache.
         """
         if not self.volatile:
             yield []
             return
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
-            yield client.mark_nonvolatile(fd)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pass  # another reader holds it: it re-marks when it leaves
-            else:
-                try:
+        with client.pinned(fd) as pin:
+            yield pin.purged
+            if pin.intact:
+                with suppress(PermissionError):
                     client.mark_volatile(fd)
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _purged_miss(self, path: Path, fd: int, counting: bool = True) -> None:
         if counting:

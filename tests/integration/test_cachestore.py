@@ -1,8 +1,9 @@
 """The example cache store (``examples.cachestore``) on real mounts and on a plain directory.
 
-What an application relies on: a round trip returns the bytes; idle objects are volatile and a
-purged one is a miss (and is removed); a reader's pin holds against purges from other
-processes, also while a second reader leaves; several processes hammering the same keys never
+What an application relies on: a round trip returns the bytes; objects are volatile and a
+purged one is a miss (and is removed); a reader's pin (a real, counted pin of its process)
+holds against purges from other processes, also while a second reader leaves, and goes when a
+reader is killed; several processes hammering the same keys never
 see wrong bytes nor an exception; the cap sheds the least recently used objects; the CLI's
 exit codes; and the same code on a filesystem that is not vrangefs.  Child processes are
 coordinated through pipes, never by sleeping.
@@ -17,13 +18,18 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from functools import partial
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from examples.cachestore import CacheStore, fstype_of, key_of
+from tests.conftest import wait_until
 from tests.integration.conftest import Mounter
 from vrangefs import client
 
@@ -73,19 +79,34 @@ def test_round_trip_and_layout(store: CacheStore) -> None:
     assert stats.mount["resident_bytes"] == usage.resident_bytes == 300_000 + 4096 - 300_000 % 4096
 
 
-def test_idle_objects_are_volatile_and_pinned_while_open(store: CacheStore) -> None:
+def pins_of(path: Path) -> list[tuple[int, int, int, int]]:
+    """(offset, length, pid, count) of each live pin of the file."""
+    return [(p.offset, p.length, p.pid, p.count) for p in client.pins(path)]
+
+
+def test_objects_stay_volatile_and_are_pinned_while_open(store: CacheStore) -> None:
     data = blob(5 * 4096 + 17, 2)
     key = store.put(data)
     path = store.path_of(key)
     whole = b"0,%d\n" % len(data)
     assert volatile_of(path) == whole
+    assert pins_of(path) == []
     with store.open(key) as f:
         assert f is not None
-        assert volatile_of(path) == b""
+        assert volatile_of(path) == whole  # a pin, not a non-volatile mark, holds it
+        assert pins_of(path) == [(0, 6 * 4096, os.getpid(), 1)]
+        with store.open(key) as again:  # pins are counted: the inner block drops only its own
+            assert again is not None
+            assert pins_of(path) == [(0, 6 * 4096, os.getpid(), 2)]
+        assert pins_of(path) == [(0, 6 * 4096, os.getpid(), 1)]
+        purge_all(store)
+        assert os.getxattr(path, PURGED) == b""
         assert f.read() == data
+    assert pins_of(path) == []
     assert volatile_of(path) == whole
     assert store.get(key) == data
     assert volatile_of(path) == whole
+    assert pins_of(path) == []
 
 
 def test_a_purged_object_is_a_miss_and_is_removed(store: CacheStore) -> None:
@@ -188,17 +209,36 @@ def test_a_pinned_object_survives_purges_until_the_last_reader_leaves(store: Cac
     data, other = blob(2 * MIB, 5), blob(MIB, 6)
     key, other_key = store.put(data), store.put(other)
     path = store.path_of(key)
+    whole = b"0,%d\n" % len(data)
     first = start_reader(store, key)
     second = start_reader(store, key)
-    assert volatile_of(path) == b""
+    assert volatile_of(path) == whole  # pinned, still volatile
+    assert sorted(p.pid for p in client.pins(path)) == sorted([first.pid, second.pid])
     finish_reader(first)  # must not unpin what the second still reads
-    assert volatile_of(path) == b""
+    assert [(p.pid, p.count) for p in client.pins(path)] == [(second.pid, 1)]
     purge_all(store)
     assert os.getxattr(path, PURGED) == b""
     assert store.get(other_key) is None  # the idle one went
     finish_reader(second)
-    assert volatile_of(path) == b"0,%d\n" % len(data)  # the last one out re-marked it
+    assert client.pins(path) == []
+    assert volatile_of(path) == whole  # purgeable again
     assert store.get(key) == data
+    purge_all(store)
+    assert store.get(key) is None
+
+
+def test_a_reader_killed_while_pinning_leaves_no_pin(store: CacheStore) -> None:
+    data = blob(MIB, 10)
+    key = store.put(data)
+    path = store.path_of(key)
+    reader = start_reader(store, key)
+    assert [p.pid for p in client.pins(path)] == [reader.pid]
+    reader.kill()
+    reader.communicate(timeout=30)  # reaped, its pipes closed
+    wait_until(lambda: client.pins(path) == [], 5, "the dead reader's pin goes")
+    assert volatile_of(path) == b"0,%d\n" % MIB
+    purge_all(store)
+    assert store.get(key) is None
 
 
 STRESS_BLOBS = [
@@ -242,16 +282,145 @@ def test_several_processes_share_one_cache(store: CacheStore) -> None:
     assert sum(r["hits"] for r in results) > 0
     assert sum(r["puts"] for r in results) > 0
     # Afterwards: nothing half-written is left, and every object is intact and volatile
-    # (or purged), i.e. no reader left one pinned.
+    # (or purged), and no reader left it pinned.
     assert store.usage().scratch_files == 0
     for data in STRESS_BLOBS:
         path = store.path_of(key_of(data))
         if not path.exists():
             continue
+        assert client.pins(path) == [], path
         if data:
             assert volatile_of(path) == b"0,%d\n" % len(data), path
         got = store.get(key_of(data))
         assert got is None or got == data
+
+
+RACE_SECONDS = 4.0
+RACE_OBJECT = 512 * 1024
+
+
+def explicit_purges(mount: Path) -> int:
+    return int(client.stats(mount)["purge_events_explicit"])
+
+
+def racing_reader(root: str, seed: int, start: Barrier, results: Any) -> None:
+    """Read one object through the store in a loop until the deadline; report what happened.
+
+    ``open`` pins the object, asks what was purged and yields it only if intact: from then
+    on every byte must read back right, so an OSError there (EIO) ends the loop as an error.
+    ``reads_across_purges`` counts reads during which the mount ran a purge-all: each of
+    those would have taken the object (it is volatile throughout) but for the pin.  A miss
+    (purged while nobody held it) puts the object again, as an application would.
+    """
+    data = blob(RACE_OBJECT, seed)
+    key = key_of(data)
+    store = CacheStore(root)
+    out = {"reads": 0, "reads_across_purges": 0, "wrong": 0, "misses": 0, "gets": 0}
+    error = ""
+    start.wait(timeout=60)
+    deadline = time.monotonic() + RACE_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            with store.open(key) as f:
+                if f is not None:
+                    before = explicit_purges(store.mount)
+                    got = b"".join(iter(partial(os.read, f.fileno(), 64 * 1024), b""))
+                    purges = explicit_purges(store.mount) - before
+                    out["reads"] += 1
+                    out["reads_across_purges"] += purges > 0
+                    out["wrong"] += got != data
+            if f is None:
+                out["misses"] += 1
+                store.put(data)
+            fetched = store.get(key)  # verified; None if purged before its pin
+            out["gets"] += fetched is not None
+            out["wrong"] += fetched is not None and fetched != data
+    except OSError as e:
+        error = repr(e)
+    results.put({"role": "reader", **out, **asdict(store.counters), "error": error})
+
+
+def purger(mount: str, start: Barrier, results: Any) -> None:
+    """Purge everything in a loop with setfattr, and write volatile fillers past the cap."""
+    filler = b"\xa5" * MIB
+    purges = 0
+    error = ""
+    start.wait(timeout=60)
+    deadline = time.monotonic() + RACE_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            for i in range(3):  # fill-0 and fill-1 (8 MiB) overflow the 8 MiB cap: it purges
+                if i != 1:
+                    subprocess.run(
+                        ["setfattr", "-n", "user.vrange.purge", "-v", "all", mount],
+                        check=True,
+                        capture_output=True,
+                        timeout=30,
+                    )
+                    purges += 1
+                fd = os.open(f"{mount}/fill-{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    os.ftruncate(fd, 4 * MIB)
+                    client.mark_volatile(fd)
+                    for _ in range(4):
+                        os.write(fd, filler)
+                finally:
+                    os.close(fd)
+    except (OSError, subprocess.SubprocessError) as e:
+        error = repr(e)
+    results.put({"role": "purger", "purges": purges, "error": error})
+
+
+@pytest.mark.timeout(120)
+def test_two_readers_never_see_eio_while_a_third_process_purges(mounter: Mounter) -> None:
+    """Two processes read one object in loops while a third purges the mount and fills the cap.
+
+    Their pins (counted, one per reader) hold the object through every purge that runs while
+    either reads: neither ever gets EIO or wrong bytes.  Purges do run during reads (counted
+    by the readers), so without working pins this test fails.
+    """
+    mount = mounter.mount("8M")
+    store = CacheStore(mount.path / "cache")
+    key = store.put(blob(RACE_OBJECT, 77))
+    before = client.stats(mount.path)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(3)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(target=racing_reader, args=(str(store.root), 77, start, results)),
+        ctx.Process(target=racing_reader, args=(str(store.root), 77, start, results)),
+        ctx.Process(target=purger, args=(str(mount.path), start, results)),
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        reports = [results.get(timeout=90) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    after = client.stats(mount.path)
+    readers = [r for r in reports if r["role"] == "reader"]
+    (purging,) = [r for r in reports if r["role"] == "purger"]
+    assert [r["error"] for r in reports] == ["", "", ""], reports
+    assert [r["wrong"] for r in readers] == [0, 0], readers
+    assert [r["corrupt_misses"] for r in readers] == [0, 0], readers
+    assert all(r["reads"] > 0 and r["gets"] > 0 for r in readers), readers
+    # The purger did purge, explicitly and through the cap, and reads overlapped purges.
+    assert purging["purges"] > 0
+    explicit = int(after["purge_events_explicit"]) - int(before["purge_events_explicit"])
+    assert explicit >= purging["purges"]
+    assert int(after["purge_events_cap"]) > int(before["purge_events_cap"])
+    assert all(r["reads_across_purges"] > 0 for r in readers), readers
+    # Nobody holds a pin any more, and the object, if there, is volatile and intact.
+    wait_until(lambda: client.stats(mount.path)["pins"] == 0, 5, "no pin left")
+    path = store.path_of(key)
+    if path.exists():
+        assert volatile_of(path) == b"0,%d\n" % RACE_OBJECT
+        got = store.get(key)
+        assert got is None or key_of(got) == key
 
 
 # -- the command line ---------------------------------------------------------------------
