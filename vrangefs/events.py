@@ -39,6 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 
 import trio
 
@@ -56,8 +57,23 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 PathOf = Callable[[int], bytes | None]
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps with
+# arguments builds a new one per call, a third of an event's cost
+
+
 def _line(record: dict[str, object]) -> bytes:
-    return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+    return _encode(record).encode() + b"\n"
+
+
+_PURGE_LINE = (
+    b'{"time":%r,"event":"purge","cause":"%s","ino":%d,"path":%s,"bytes":%d,"ranges":[[%d,%d]]}\n'
+)
+_CAUSES = {cause: cause.value.encode() for cause in PurgeCause}
+
+
+def _string(path: bytes) -> bytes:
+    """A path as a JSON string, as the encoder writes it (ASCII, surrogates escaped)."""
+    return encode_basestring_ascii(os.fsdecode(path)).encode()
 
 
 def _dropped_line(count: int) -> bytes:
@@ -133,20 +149,22 @@ class EventHub:
 
     # -- reclaim's observer -------------------------------------------------------------
     def purged(self, unit: PurgeUnit, cause: PurgeCause, pages: int) -> None:
+        """Formatted by hand, the hot case (a purge-all makes one per unit): a third of
+        what the JSON encoder costs, for the same line (the adapter tests compare)."""
         if not self.subscribers:
             return
         path = self._path_of(unit.ino)
-        start, length = unit.start * PAGE_SIZE, (unit.end - unit.start) * PAGE_SIZE
-        self.publish(
-            {
-                "time": self._clock(),
-                "event": "purge",
-                "cause": cause.value,
-                "ino": unit.ino,
-                "path": None if path is None else os.fsdecode(path),
-                "bytes": pages * PAGE_SIZE,
-                "ranges": [[start, length]],
-            }
+        self.publish_line(
+            _PURGE_LINE
+            % (
+                self._clock(),
+                _CAUSES[cause],
+                unit.ino,
+                b"null" if path is None else _string(path),
+                pages * PAGE_SIZE,
+                unit.start * PAGE_SIZE,
+                (unit.end - unit.start) * PAGE_SIZE,
+            )
         )
 
     def evicted(self, ino: int, cause: PurgeCause, pages: int, names: list[Link]) -> None:
@@ -180,7 +198,9 @@ class EventHub:
 
     def publish(self, record: dict[str, object]) -> None:
         """Send one event to every subscriber that has room for it."""
-        line = _line(record)
+        self.publish_line(_line(record))
+
+    def publish_line(self, line: bytes) -> None:
         for subscriber in self.subscribers:
             if not subscriber.push(line):
                 self.dropped += 1

@@ -145,3 +145,16 @@ def test_the_socket_serves_subscribers_and_notices_them_leave() -> None:
         assert h.socket_name == ""
 
     run(body)
+
+
+def test_purge_lines_are_what_the_json_encoder_writes() -> None:
+    """Purge lines are formatted by hand (the hot case): byte for byte the encoder's."""
+    h = hub()
+    sub = h.admit(pid=10, uid=0)
+    assert isinstance(sub, Subscriber)
+    sub.take()
+    for ino in (1, 3, 4, 99):  # the root, UTF-8, not UTF-8, no name
+        h.purged(unit(ino, 7, 9), PurgeCause.EXPLICIT, 2)
+    for raw in sub.take().splitlines(keepends=True):
+        assert raw.isascii()
+        assert raw == json.dumps(json.loads(raw), separators=(",", ":")).encode() + b"\n"
