@@ -48,7 +48,11 @@ class Pinner:
 
 
 Getter = Callable[[Volume, int], bytes]
-Setter = Callable[[Volume, int, bytes], None]
+Job = Iterator[object]
+"""A request's work in small synchronous steps, for the adapter to run with pauses between
+them (so that other requests are served meanwhile); done when exhausted."""
+
+Setter = Callable[[Volume, int, bytes], Job | None]
 PinSetter = Callable[[Volume, int, bytes, Pinner], None]
 
 
@@ -60,24 +64,31 @@ def _range_value(ino: int, name: bytes, value: bytes) -> tuple[int, int]:
         raise FsError(e.errno, str(e)) from None
 
 
-def _set_volatile(volume: Volume, ino: int, value: bytes) -> None:
+def _set_volatile(volume: Volume, ino: int, value: bytes) -> Job:
     offset, length = _range_value(ino, protocol.VOLATILE_B, value)
-    volume.mark_volatile(ino, offset, length)
+    return volume.marking_volatile(ino, offset, length)
 
 
-def _set_nonvolatile(volume: Volume, ino: int, value: bytes) -> None:
+def _set_nonvolatile(volume: Volume, ino: int, value: bytes) -> Job:
     offset, length = _range_value(ino, protocol.NONVOLATILE_B, value)
-    volume.mark_nonvolatile(ino, offset, length)
+    return volume.marking_nonvolatile(ino, offset, length)
 
 
-def _set_purge(volume: Volume, ino: int, value: bytes) -> None:
+def _set_purge(volume: Volume, ino: int, value: bytes) -> Job:
     _root_only(ino, errno.EINVAL)
     try:
         protocol.parse_purge(value)
     except protocol.XattrValueError as e:
         log.warning("%s: %s", protocol.PURGE, e)
         raise FsError(e.errno, str(e)) from None
-    units = volume.reclaim.purge_all()
+    return _purging_all(volume)
+
+
+def _purging_all(volume: Volume) -> Job:
+    units = 0
+    for got in volume.reclaim.purging_all():
+        units += got > 0
+        yield got
     log.info("purge all: %d units purged or files evicted", units)
 
 
@@ -298,14 +309,25 @@ def setxattr(
     volume: Volume, ino: int, name: bytes, value: bytes, pinner: Pinner | None = None
 ) -> None:
     """Set a control name; *pinner* is the caller, for the names that need one."""
+    job = setxattr_job(volume, ino, name, value, pinner)
+    if job is not None:
+        for _ in job:
+            pass
+
+
+def setxattr_job(
+    volume: Volume, ino: int, name: bytes, value: bytes, pinner: Pinner | None = None
+) -> Job | None:
+    """As :func:`setxattr`, but a name whose work can be big (marking, unmarking,
+    purge-all) only has its value checked here and returns the rest as a job."""
     _check_kind(volume, ino, name)
     pin_setter = PIN_SETTERS.get(name)
     if pin_setter is not None:
         if pinner is None:
             raise FsError(errno.ESRCH, f"{name.decode()}: the calling process is unknown")
         pin_setter(volume, ino, value, pinner)
-        return
+        return None
     setter = SETTERS.get(name)
     if setter is None:
         raise FsError(errno.EINVAL, f"no writable attribute {name!r}")
-    setter(volume, ino, value)
+    return setter(volume, ino, value)

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -49,6 +50,10 @@ ATTR_TIMEOUT = 60.0
 # rename target: it looks the name up again.  It cannot shorten the LOOKUP of a fresh
 # name before a create either (the kernel sends one for every name it has no dentry for).
 NEGATIVE_TIMEOUT = ENTRY_TIMEOUT
+
+# A big request (an unmark or purge-all over many units) runs in slices of this much time,
+# and other requests are served between them: none holds the event loop for long.
+SLICE_SECONDS = 0.005
 
 
 # Fault injection, for tests only: with VRANGEFS_FAULT_INJECTION=1 in the
@@ -500,10 +505,29 @@ class Operations(pyfuse3.Operations):
             await self.invalidator.settled(inode)
         purged: set[int] = set()
         try:
-            with self.invalidator.recording() as purged:
-                control.setxattr(self.volume, inode, name, value)
+            with self.invalidator.recording() as recorded:
+                job = control.setxattr_job(self.volume, inode, name, value)
+            purged |= recorded
+            if job is not None:
+                await self._run(job, purged)
         finally:  # a purge returns once no stale page is left, failed or not
             await self.invalidator.settle(purged)
+
+    async def _run(self, job: control.Job, purged: set[int]) -> None:
+        """Run a big request's job in slices of about SLICE_SECONDS, letting other requests
+        in between; *purged* collects the inodes its steps purged."""
+        done = False
+        while not done:
+            deadline = time.monotonic() + SLICE_SECONDS
+            with self.invalidator.recording() as recorded:
+                done = True
+                for _ in job:
+                    if time.monotonic() >= deadline:
+                        done = False
+                        break
+            purged |= recorded
+            if not done:
+                await trio.sleep(0)
 
     async def _pin_request(
         self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext

@@ -40,11 +40,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from vrangefs.pagestore import PAGE_SHIFT, FileData, NoSpaceError, PageStore, PageTally
+from vrangefs.pagestore import (
+    PAGE_SHIFT,
+    FileData,
+    NoSpaceError,
+    PageStore,
+    PageTally,
+    pages_spanned,
+)
 from vrangefs.pins import PinTable
 from vrangefs.protocol import PurgeCause
 from vrangefs.vrange import CacheFile, PurgeOrder, PurgeUnit, VrangeRoot
@@ -73,6 +80,15 @@ class PurgeListener(Protocol):
     def unpublished(self) -> tuple[dict[PurgeCause, int], dict[PurgeCause, int]]:
         """(pages, units) per cause of purges readers cannot observe yet: left out of stats."""
         ...
+
+
+def worth_evicting(data: FileData) -> bool:
+    """Whether evicting a closed cache-directory file does any good: it holds pages, or
+    pages of it were purged (a range purge): evicting turns their EIO into a miss.
+
+    A file left without either (empty, or all holes) is left alone.
+    """
+    return bool(data.resident_pages) or data.any_purged(0, pages_spanned(data.size))
 
 
 class ReclaimObserver(Protocol):
@@ -382,10 +398,10 @@ class Reclaim:
             self._requeue(cache_file, data)
 
     def _requeue(self, cache_file: CacheFile, data: FileData) -> None:
-        """Queue the file if nothing holds it and it holds pages; take it out otherwise."""
+        """Queue the file if nothing holds it and it has pages; take it out otherwise."""
         cache_file.pinned = self.pins.of(cache_file.ino) is not None
         free = not (cache_file.opens or cache_file.kept or cache_file.pinned)
-        if free and data.resident_pages:
+        if free and worth_evicting(data):
             if cache_file not in self.order:
                 self.order.add(cache_file)
         else:
@@ -445,9 +461,19 @@ class Reclaim:
     def purge_all(self) -> int:
         """Purge every volatile unit now (like ashmem's PURGE_ALL_CACHES); returns units."""
         units = 0
-        while (got := self._purge_oldest(PurgeCause.EXPLICIT)) is not None:
+        for got in self.purging_all():
             units += got > 0
         return units
+
+    def purging_all(self) -> Iterator[int]:
+        """Purge-all as a job of small steps (one unit or file each, yielding its pages).
+
+        What is marked or closed after it started is left alone, so that it ends
+        however busy the mount is; between steps other requests may run.
+        """
+        started = self.order.next_seq()
+        while (unit := self.order.oldest()) is not None and unit.seq < started:
+            yield self._purge_oldest(PurgeCause.EXPLICIT) or 0
 
     def purge_unit(self, unit: PurgeUnit, cause: PurgeCause) -> int:
         """Discard one queued unit's resident pages; returns how many were freed."""

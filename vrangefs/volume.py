@@ -32,7 +32,7 @@ from vrangefs.pagestore import (
 )
 from vrangefs.pins import NotPinnedError, PinInfo, PinLimitError
 from vrangefs.protocol import nonvolatile_pages, pin_pages, volatile_pages
-from vrangefs.reclaim import Reclaim
+from vrangefs.reclaim import Reclaim, worth_evicting
 from vrangefs.vrange import VrangeRoot
 
 log = logging.getLogger(__name__)
@@ -505,14 +505,34 @@ class Volume:
 
     def mark_volatile(self, ino: int, offset: int, length: int) -> None:
         """Make the pages wholly inside the byte range volatile (one new purge unit)."""
+        for _ in self.marking_volatile(ino, offset, length):
+            pass
+
+    def marking_volatile(self, ino: int, offset: int, length: int) -> Iterator[None]:
+        """mark_volatile as a job of slices, each bounded however many units it merges.
+
+        Merging many units first unmarks them slice by slice (their pages are merely
+        not volatile for a while, which nothing can harm), then makes the one new unit.
+        """
         inode, data = self._regular(ino)
         self._charge(budget.UNIT_BYTES, f"inode {ino}: a volatile unit", count=False)
         if _whole_file(offset, length, data.size) and inode.kept:
             inode.kept = False
             self.reclaim.cache_keep(ino, data, kept=False)
         pages = volatile_pages(offset, length, data.size)
-        if pages is not None:
-            self.reclaim.mark_volatile(self._vroot(inode), data, *pages)
+        if pages is None:
+            return
+        start, end = pages
+        root = inode.vroot
+        if root is not None and root.slice_end(start, end, UNITS_PER_SLICE) < end:
+            if (first := root.unit_at(start)) is not None:
+                start = first.start
+            if (last := root.unit_at(end - 1)) is not None:
+                end = last.end
+            yield from self._unmarking(inode, data, start, end)
+            if self.inodes.get(ino) is not inode or inode.data is not data:
+                return  # the file went meanwhile
+        self.reclaim.mark_volatile(self._vroot(inode), data, start, end)
 
     def mark_nonvolatile(self, ino: int, offset: int, length: int) -> list[tuple[int, int]]:
         """Make every page touching the byte range non-volatile.
@@ -520,16 +540,37 @@ class Volume:
         Returns the purged ranges (bytes, clipped to the file) inside those pages:
         from here on nothing purges them, so the answer cannot go stale.
         """
+        for _ in self.marking_nonvolatile(ino, offset, length):
+            pass
+        _, data = self._regular(ino)
+        pages = nonvolatile_pages(offset, length, data.size)
+        return [] if pages is None else list(self._purged_ranges(data, *pages))
+
+    def marking_nonvolatile(self, ino: int, offset: int, length: int) -> Iterator[None]:
+        """mark_nonvolatile as a job of slices of at most UNITS_PER_SLICE units each.
+
+        Once it has run to its end every page of the range is non-volatile; between
+        slices other requests may run (a purge may still take a unit not reached yet,
+        which the caller then finds purged, as if the purge had come first).
+        """
         inode, data = self._regular(ino)
         if _whole_file(offset, length, data.size) and not inode.kept:
             inode.kept = True  # a cache directory keeps it until it is marked volatile
             self.reclaim.cache_keep(ino, data, kept=True)
         pages = nonvolatile_pages(offset, length, data.size)
-        if pages is None:
-            return []
-        if inode.vroot is not None:
-            self.reclaim.mark_nonvolatile(inode.vroot, data, *pages)
-        return list(self._purged_ranges(data, *pages))
+        if pages is not None:
+            yield from self._unmarking(inode, data, *pages)
+
+    def _unmarking(self, inode: Inode, data: FileData, start: int, end: int) -> Iterator[None]:
+        while start < end:
+            root = inode.vroot
+            if root is None or inode.data is not data:  # no units left, or the file is gone
+                return
+            stop = root.slice_end(start, end, UNITS_PER_SLICE)
+            self.reclaim.mark_nonvolatile(root, data, start, stop)
+            start = stop
+            if start < end:
+                yield
 
     def purged_ranges(self, ino: int) -> Iterator[tuple[int, int]]:
         """Byte ranges of the file's purged pages, clipped to its size, ascending, lazily."""
@@ -853,9 +894,13 @@ class Volume:
             assert inode.data.tally is reclaim.cache_pages
             assert cache_file.opens == inode.opens and cache_file.kept == inode.kept, cache_file
             held = inode.opens or inode.kept or reclaim.pins.of(inode.ino) is not None
-            queued = not held and inode.data.resident_pages > 0
+            queued = not held and worth_evicting(inode.data)
             assert (cache_file in reclaim.order) == queued, (cache_file, queued)
         assert pages == reclaim.cache_pages.pages, (pages, reclaim.cache_pages.pages)
+
+
+UNITS_PER_SLICE = 2000
+"""Units one slice of a big mark or unmark changes (some 10 ms of work at most)."""
 
 
 def default_metadata_cap(cap_bytes: int) -> int:

@@ -226,6 +226,16 @@ class VrangeRoot:
                     found.append(unit)
         return found
 
+    def slice_end(self, start: int, end: int, units: int) -> int:
+        """A page in (start, end] such that [start, it) overlaps at most about *units* units.
+
+        For doing a change over many units in slices: cheap, O(log n + units).
+        """
+        for i, page in enumerate(self._bounds().irange(start, end, inclusive=(False, False))):
+            if i >= 2 * units:  # each unit has two boundaries
+                return int(page)
+        return end
+
     def unit_at(self, page: int) -> PurgeUnit | None:
         """The unit holding ``page``, or None."""
         # A unit holding `page` begins at the last boundary <= page: no boundary lies inside
