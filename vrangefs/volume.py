@@ -899,8 +899,8 @@ class Volume:
         assert pages == reclaim.cache_pages.pages, (pages, reclaim.cache_pages.pages)
 
 
-UNITS_PER_SLICE = 2000
-"""Units one slice of a big mark or unmark changes (some 10 ms of work at most)."""
+UNITS_PER_SLICE = 200
+"""Units one slice of a big mark or unmark changes (about 4 ms of work at most)."""
 
 
 def default_metadata_cap(cap_bytes: int) -> int:
