@@ -22,6 +22,17 @@ that holds no pin any more is no longer watched: the pin table reports it
 (:meth:`ProcessWatcher.owner_gone`) and its pidfd is closed, so the daemon
 holds one descriptor per process that holds pins.
 
+Finding the process is the costly part of a pin or unpin request (opening
+and formatting a /proc status file), so the common case skips it: the calling
+thread is the main thread of its process (``tid == tgid``; every
+single-threaded program) exactly when ``pidfd_open(tid)`` succeeds, since it
+refuses any other thread (EINVAL).  A process already watched needs not even
+that: its exits are taken from the epoll set first, so a pidfd not reported
+readable names a live process, and a live process's id is not reused.  The
+pidfd opened to identify a caller is kept for :meth:`ProcessWatcher.watch`,
+which a pin calls next.  Other threads, and requests that need the caller's
+groups and privilege, read the status file as before.
+
 This is the adapter's side of pins, next to :mod:`vrangefs.invalidation`:
 the core (:mod:`vrangefs.pins`) only counts and releases.
 """
@@ -64,6 +75,8 @@ class ProcessWatcher:
         self._pidfds: dict[int, int] = {}  # tgid -> pidfd
         self._tgids: dict[int, int] = {}  # pidfd -> tgid
         self._epoll = select.epoll()  # every pidfd: one descriptor for the event loop
+        self._spare: tuple[int, int] | None = None  # (tgid, pidfd) opened by identify()
+        self._real_proc = os.path.realpath(proc) == "/proc"  # pidfds describe its processes
         self._own_user_ns = _user_ns(proc, "self")
         self.proc_problem = _proc_problem(proc)
         if self.proc_problem is not None:
@@ -84,6 +97,9 @@ class ProcessWatcher:
                 "the calling process is not visible in the daemon's pid namespace: "
                 "it cannot hold pins",
             )
+        self._drop_spare()  # a pidfd of an earlier request may name a process gone since
+        if not credentials and self._real_proc and self._is_leader(tid):
+            return Process(tid, frozenset(), False)
         try:
             fd = os.open(f"{self._proc}/{tid}/status", os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -104,6 +120,29 @@ class ProcessWatcher:
         privileged = user_ns is not None and user_ns == self._own_user_ns
         return Process(tgid, groups, privileged)
 
+    def _is_leader(self, tid: int) -> bool:
+        """Whether thread *tid*, blocked in a request, is its process's main thread.
+
+        True for a watched process (whose exit, once it happens, is handled here first)
+        and where ``pidfd_open`` accepts *tid* (the pidfd is then kept for the watch()
+        of this request; the next identify() closes it if unused).
+        False tells nothing: the caller reads /proc.
+        """
+        self._handle_exits()
+        if tid in self._pidfds:
+            return True
+        try:
+            fd = os.pidfd_open(tid)
+        except OSError:  # EINVAL: another thread; ESRCH, EMFILE: /proc will tell
+            return False
+        self._spare = (tid, fd)
+        return True
+
+    def _drop_spare(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare[1])
+            self._spare = None
+
     # -- watching ---------------------------------------------------------------------
     def __len__(self) -> int:
         """The number of processes watched."""
@@ -117,6 +156,10 @@ class ProcessWatcher:
         """
         if tgid in self._pidfds:
             return
+        if self._spare is not None and self._spare[0] == tgid:
+            fd, self._spare = self._spare[1], None
+            self._add(tgid, fd)
+            return
         try:
             fd = os.pidfd_open(tgid)
         except OSError as e:
@@ -124,6 +167,9 @@ class ProcessWatcher:
                 log.warning("cannot watch process %d: %s", tgid, e.strerror)
                 raise FsError(e.errno, f"cannot watch process {tgid}: {e.strerror}") from None
             raise FsError(errno.ESRCH, f"process {tgid} is gone: {e.strerror}") from None
+        self._add(tgid, fd)
+
+    def _add(self, tgid: int, fd: int) -> None:
         self._epoll.register(fd, select.EPOLLIN)
         self._pidfds[tgid] = fd
         self._tgids[fd] = tgid
@@ -146,15 +192,19 @@ class ProcessWatcher:
         """
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
-            for fd, _ in self._epoll.poll(0):
-                tgid = self._tgids.get(fd)
-                if tgid is None:
-                    continue
-                self.owner_gone(tgid)
-                try:
-                    self._on_exit(tgid)
-                except Exception:  # a bug: its pins may stay, the daemon serves on
-                    log.exception("releasing the pins of process %d failed", tgid)
+            self._handle_exits()
+
+    def _handle_exits(self) -> None:
+        """Release the pins of every watched process that has exited (no await)."""
+        for fd, _ in self._epoll.poll(0):
+            tgid = self._tgids.get(fd)
+            if tgid is None:
+                continue
+            self.owner_gone(tgid)
+            try:
+                self._on_exit(tgid)
+            except Exception:  # a bug: its pins may stay, the daemon serves on
+                log.exception("releasing the pins of process %d failed", tgid)
 
 
 def _field(status: bytes, name: bytes) -> bytes:

@@ -19,6 +19,7 @@ import trio.testing
 
 from tests.adapter.harness import ROOT, Fs, context, errno_of, page, run, serving
 from vrangefs.operations import Operations
+from vrangefs.owners import ProcessWatcher
 from vrangefs.pagestore import PAGE_SIZE
 from vrangefs.protocol import (
     PIN_B,
@@ -447,3 +448,53 @@ def test_exits_while_not_served_are_seen_once_serving(sleeper: subprocess.Popen[
 
     run(body)
     assert len(fs.ops.processes) == 0
+
+
+# -- identifying the caller cheaply ------------------------------------------------------------
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_main_thread_is_identified_by_a_pidfd_other_threads_through_proc(
+    thread_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/proc is read only for a thread that is not its process's main one, and for the
+    credentials of a read-checked pin; the pidfd that identified a caller is the one watched."""
+    fds = open_fds()
+    watcher = ProcessWatcher(lambda tgid: None)
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy(path: str, *args: int) -> int:
+        opened.append(path)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", spy)  # what vrangefs.owners calls
+    assert watcher.identify(ME).tgid == ME
+    watcher.watch(ME)  # with the pidfd identify() opened
+    assert len(open_fds() - fds) == 2  # the epoll set and one pidfd
+    assert watcher.identify(ME).tgid == ME  # watched: not even a pidfd
+    assert opened == []
+    assert watcher.identify(thread_id).tgid == ME
+    assert opened == [f"/proc/{thread_id}/status"]
+    process = watcher.identify(ME, credentials=True)
+    assert (process.tgid, opened[1:]) == (ME, [f"/proc/{ME}/status"])
+    watcher.owner_gone(ME)
+    assert watcher.identify(ME).tgid == ME  # not watched: a pidfd, kept for watch() ...
+    assert watcher.identify(thread_id).tgid == ME  # ... and closed by the next request
+    assert len(open_fds() - fds) == 1  # the epoll set
+
+
+def test_a_watched_process_that_exited_is_released_before_anyone_is_identified(
+    sleeper: subprocess.Popen[bytes],
+) -> None:
+    """Its pid could be reused at once: identify() handles the exits the epoll set reports
+    before it trusts a watched pid, without waiting for the event loop."""
+    exited: list[int] = []
+    watcher = ProcessWatcher(exited.append)
+    assert watcher.identify(sleeper.pid).tgid == sleeper.pid
+    watcher.watch(sleeper.pid)
+    sleeper.kill()
+    os.waitid(os.P_PID, sleeper.pid, os.WEXITED | os.WNOWAIT)  # dead: its pidfd is readable
+    assert watcher.identify(ME).tgid == ME
+    assert (exited, len(watcher)) == ([sleeper.pid], 0)
