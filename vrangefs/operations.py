@@ -53,7 +53,7 @@ NEGATIVE_TIMEOUT = ENTRY_TIMEOUT
 
 # A big request (an unmark or purge-all over many units) runs in slices of this much time,
 # and other requests are served between them: none holds the event loop for long.
-SLICE_SECONDS = 0.005
+SLICE_SECONDS = 0.002
 
 
 # Fault injection, for tests only: with VRANGEFS_FAULT_INJECTION=1 in the
