@@ -1,0 +1,68 @@
+"""No leaks: cycles of create/write/unlink and of mark/unmark leave the daemon as it was.
+
+Shorter runs than the benchmark's 100,000 cycles, so that the suite stays quick: after a
+warm-up, the daemon's RSS may grow by at most 5 MiB and its open descriptors not at all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Mounter
+from tests.integration.vrange_helpers import stats
+
+CYCLES = 5000
+MIB = 1 << 20
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def create_write_unlink(d: Path, cycles: int) -> None:
+    data = b"x" * 10_000
+    for i in range(cycles):
+        f = d / f"f{i % 7}"
+        f.write_bytes(data)
+        f.unlink()
+
+
+def mark_unmark(f: Path, cycles: int) -> None:
+    for i in range(cycles):
+        page = i % 64
+        os.setxattr(f, "user.vrange.volatile", f"{page * 4096},4096".encode())
+        os.setxattr(f, "user.vrange.nonvolatile", f"{page * 4096},4096".encode())
+
+
+@pytest.mark.timeout(300)
+def test_cycles_leave_rss_and_descriptors_as_they_were(mounter: Mounter) -> None:
+    mount = mounter.mount("64M")
+    pid = mount.pid
+    assert pid is not None
+    d = mount.path / "d"
+    d.mkdir()
+    f = mount.path / "marked"
+    f.write_bytes(b"m" * (64 * 4096))
+    create_write_unlink(d, 500)  # warm-up: caches, free lists, first allocations
+    mark_unmark(f, 500)
+    rss_before, fds_before = rss(pid), fds(pid)
+    metadata_before = stats(mount.path)["metadata_bytes"]
+    create_write_unlink(d, CYCLES)
+    mark_unmark(f, CYCLES)
+    grown = rss(pid) - rss_before
+    assert grown <= 5 * MIB, f"daemon RSS grew by {grown / MIB:.1f} MiB over {CYCLES} cycles"
+    assert fds(pid) == fds_before
+    s = stats(mount.path)
+    assert s["metadata_bytes"] == metadata_before  # every charge was given back
+    assert s["inodes"] == 3 and s["volatile_units"] == 0  # the root, d and marked
