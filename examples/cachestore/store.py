@@ -2,10 +2,11 @@
 
 Objects live one per file under ``ROOT/objects/ab/cdef...`` (the sha256 of the content, split
 after two hex digits so no directory grows huge).  On a vrangefs mount every object is volatile
-whenever nobody is reading it, so the filesystem may purge it, least recently used first, when
-it needs memory: the cache never fills up and never gets its owner killed.  A purged object is
-found out when it is next read (it is then a miss, and removed).  On any other filesystem
-(tmpfs, ext4, ...) the same code stores plain files and calls nothing of vrangefs.
+and pinned only while read, so the filesystem may purge it whenever nobody reads it, least
+recently used first, when it needs memory: the cache never fills up and never gets its owner
+killed.  A purged object is found out when it is next read (it is then a miss, and removed).
+On any other filesystem (tmpfs, ext4, ...) the same code stores plain files and calls nothing
+of vrangefs.
 
 Several processes may use one cache at once.  What makes that safe:
 
@@ -51,7 +52,7 @@ import re
 import secrets
 import stat
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -107,6 +108,8 @@ class Counters:
     failed_puts: int = 0
     """The put raised (ENOSPC on a full tmpfs, for instance)."""
     deletes: int = 0
+    unpinned_reads: int = 0
+    """Objects read without a pin: the mount's per-user pin limit refused one (EDQUOT)."""
     # -- the remote tier (all zero without one) --
     remote_hits: int = 0
     """Local misses answered by the remote tier (verified)."""
@@ -357,8 +360,13 @@ class CacheStore:
             if lost or os.fstat(f.fileno()).st_size != size:
                 self.counters.unpushed_puts += 1
                 return
-            with suppress(RemoteError):
-                remote.push(key, size, iter(lambda: f.read(remote.chunk), b""))
+            try:
+                with suppress(RemoteError):
+                    remote.push(key, size, iter(lambda: f.read(remote.chunk), b""))
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                self.counters.unpushed_puts += 1  # purged while read unpinned
 
     def _publish(
         self,
@@ -593,8 +601,10 @@ class CacheStore:
 
         For large objects read piecemeal, or mmap-ed.  The local content is *not* verified
         (use :meth:`get` or :meth:`get_to` for that) but cannot be purged while the block
-        runs.  Counts a hit if the object is intact.  With a remote tier a local miss is
-        streamed from Redis (verified) into the local copy, which is then opened.
+        runs (unless the per-user pin limit refused the pin: then reads may fail with EIO,
+        and ``counters.unpinned_reads`` tells).  Counts a hit if the object is intact.  With a
+        remote tier a local miss is streamed from Redis (verified) into the local copy, which
+        is then opened.
         """
         with self._open(key) as opened:
             if opened is not None:
@@ -653,11 +663,26 @@ class CacheStore:
         marks it volatile again, while still pinned: it becomes the newest purge unit, purged
         last (a reader without write permission on it cannot, and leaves it where it was).
         Nothing to do on a non-volatile cache.
+
+        A pin that would take this user past the mount's pin limit (EDQUOT: many readers of
+        large objects at once) is not taken: the object is then read unpinned, and a purge
+        meanwhile shows as EIO (or, with ``--purged-reads zeros``, as a hash that does not
+        match), a miss for :meth:`get` and :meth:`get_to`.
         """
         if not self.volatile:
             yield []
             return
-        with client.pinned(fd) as pin:
+        with ExitStack() as stack:
+            try:
+                pin = stack.enter_context(client.pinned(fd))
+            except OSError as e:
+                if e.errno != errno.EDQUOT:
+                    raise
+                pin = None
+            if pin is None:  # past this user's pin limit: read unpinned (see unpinned_reads)
+                self.counters.unpinned_reads += 1
+                yield client.purged(fd)
+                return
             yield pin.purged
             if pin.intact:
                 with suppress(PermissionError):

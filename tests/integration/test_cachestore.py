@@ -11,6 +11,7 @@ coordinated through pipes, never by sleeping.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -141,6 +142,33 @@ def test_the_cap_sheds_the_least_recently_used(mounter: Mounter) -> None:
     assert [store.contains(k) for k in keys[-8:]] == [True] * 8
     assert [store.get(k) for k in keys[1:9]] == [None] * 8  # the oldest went first
     assert store.counters.purged_misses == 8
+
+
+def test_past_the_pin_limit_objects_are_read_unpinned(mounter: Mounter) -> None:
+    """A pin the per-user limit refuses (EDQUOT) is no error: the object is read unpinned,
+    and a purge shows as EIO, that is a miss, never as wrong bytes."""
+    mount = mounter.mount("16M", options=["pin_limit=2M"])
+    store = CacheStore(mount.path / "cache")
+    small, large = blob(MIB, 11), blob(3 * MIB // 2, 12)
+    small_key, large_key = store.put(small), store.put(large)
+    assert store.get(large_key) == large  # pinned: 1.5 MiB of 2
+    assert store.counters.unpinned_reads == 0
+    with store.open(small_key) as f:  # 1 MiB pinned: 1.5 MiB more would pass the limit
+        assert f is not None
+        assert store.get(large_key) == large
+        assert store.counters.unpinned_reads == 1
+        with store.open(large_key) as unpinned:
+            assert unpinned is not None
+            assert client.pins(store.path_of(large_key)) == []
+            purge_all(store)
+            with pytest.raises(OSError) as read:
+                unpinned.read()
+            assert read.value.errno == errno.EIO
+        assert f.read() == small  # its pin held through the purge
+    assert store.get(large_key) is None  # pinned again, and found purged
+    assert (store.counters.unpinned_reads, store.counters.purged_misses) == (2, 1)
+    assert store.get(small_key) == small
+    assert store.counters.unpinned_reads == 2
 
 
 def test_discard_never_removes_a_fresh_copy(store: CacheStore) -> None:
