@@ -27,8 +27,8 @@ and formatting a /proc status file), so the common case skips it: the calling
 thread is the main thread of its process (``tid == tgid``; every
 single-threaded program) exactly when ``pidfd_open(tid)`` succeeds, since it
 refuses any other thread (EINVAL).  A process already watched needs not even
-that: its exits are taken from the epoll set first, so a pidfd not reported
-readable names a live process, and a live process's id is not reused.  The
+that: every identification first handles the exits the epoll set reports, so
+a watched pid names a live process (whose id cannot have been reused).  The
 pidfd opened to identify a caller is kept for :meth:`ProcessWatcher.watch`,
 which a pin calls next.  Other threads, and requests that need the caller's
 groups and privilege, read the status file as before.
@@ -98,6 +98,7 @@ class ProcessWatcher:
                 "it cannot hold pins",
             )
         self._drop_spare()  # a pidfd of an earlier request may name a process gone since
+        self._handle_exits()  # so that a watched pid is one of a live process, not reused
         if not credentials and self._real_proc and self._is_leader(tid):
             return Process(tid, frozenset(), False)
         try:
@@ -123,12 +124,11 @@ class ProcessWatcher:
     def _is_leader(self, tid: int) -> bool:
         """Whether thread *tid*, blocked in a request, is its process's main thread.
 
-        True for a watched process (whose exit, once it happens, is handled here first)
-        and where ``pidfd_open`` accepts *tid* (the pidfd is then kept for the watch()
-        of this request; the next identify() closes it if unused).
-        False tells nothing: the caller reads /proc.
+        True for a watched process (alive: identify() handled the exits first) and where
+        ``pidfd_open`` accepts *tid* (the pidfd is then kept for the watch() of this
+        request; the next identify() closes it if unused).  False tells nothing: the
+        caller reads /proc.
         """
-        self._handle_exits()
         if tid in self._pidfds:
             return True
         try:

@@ -485,8 +485,9 @@ def test_a_main_thread_is_identified_by_a_pidfd_other_threads_through_proc(
     assert len(open_fds() - fds) == 1  # the epoll set
 
 
+@pytest.mark.parametrize("credentials", [False, True])
 def test_a_watched_process_that_exited_is_released_before_anyone_is_identified(
-    sleeper: subprocess.Popen[bytes],
+    sleeper: subprocess.Popen[bytes], credentials: bool
 ) -> None:
     """Its pid could be reused at once: identify() handles the exits the epoll set reports
     before it trusts a watched pid, without waiting for the event loop."""
@@ -496,5 +497,5 @@ def test_a_watched_process_that_exited_is_released_before_anyone_is_identified(
     watcher.watch(sleeper.pid)
     sleeper.kill()
     os.waitid(os.P_PID, sleeper.pid, os.WEXITED | os.WNOWAIT)  # dead: its pidfd is readable
-    assert watcher.identify(ME).tgid == ME
+    assert watcher.identify(ME, credentials=credentials).tgid == ME
     assert (exited, len(watcher)) == ([sleeper.pid], 0)
