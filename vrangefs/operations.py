@@ -538,7 +538,10 @@ class Operations(pyfuse3.Operations):
         before it: pages read under the pin are then exactly what the file holds,
         and ``user.vrange.purged`` read next tells the truth (it waits too).
         """
-        process = self.processes.identify(ctx.pid, credentials=name in control.READ_CHECKED)
+        # Read permission by a system.vrange name: the caller's groups and capabilities
+        # come from /proc, read only if its uid and gid alone do not grant it.
+        credentials = name in control.READ_CHECKED and not self._may_read(ino, ctx)
+        process = self.processes.identify(ctx.pid, credentials=credentials)
         caller = Caller(ctx.uid, ctx.gid, process.groups, process.privileged)
         pinning = name in control.PINNING
         if pinning:  # watched before its pin is recorded: its exit cannot be missed
@@ -550,6 +553,11 @@ class Operations(pyfuse3.Operations):
                 self.processes.owner_gone(process.tgid)  # it pinned nothing after all
         if pinning:
             await self.invalidator.settled(ino)
+
+    def _may_read(self, ino: int, ctx: pyfuse3.RequestContext) -> bool:
+        """Whether the mode bits let the caller read the inode, whatever its other groups."""
+        inode = self.volume.inodes.get(ino)
+        return inode is not None and self.volume.readable_by_ids(inode, ctx.uid, ctx.gid)
 
     @_handler
     async def listxattr(

@@ -638,6 +638,21 @@ class Volume:
             return bool(inode.mode & stat.S_IRGRP)
         return bool(inode.mode & stat.S_IROTH)
 
+    @staticmethod
+    def readable_by_ids(inode: Inode, uid: int, gid: int) -> bool:
+        """Whether *uid* and *gid* may read the inode whatever their supplementary groups.
+
+        False means "not known without the groups and capabilities" (see may_read):
+        a caller in the file's group through a supplementary group falls in the group
+        class, so the other bits grant read only if the group bits do too.
+        """
+        mode = inode.mode
+        if uid == inode.uid:
+            return bool(mode & stat.S_IRUSR)
+        if gid == inode.gid:
+            return bool(mode & stat.S_IRGRP)
+        return bool(mode & stat.S_IRGRP and mode & stat.S_IROTH)
+
     def volatile_ranges(self, ino: int) -> Iterator[tuple[int, int]]:
         """The file's purge units as byte ranges, clipped to its size, ascending, lazily."""
         inode, data = self._regular(ino)

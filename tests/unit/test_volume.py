@@ -416,3 +416,21 @@ def test_write_past_the_cap_with_nothing_volatile_is_enospc_and_changes_nothing(
     assert vol.inode(f.ino).size == 6 * PAGE_SIZE
     assert bytes(vol.read(f.ino, PAGE_SIZE, 5 * PAGE_SIZE)) == b"a" * 5 * PAGE_SIZE
     vol.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("mode", "uid", "gid", "readable"),
+    [
+        (0o400, 1000, 1000, True),  # the owner, owner-readable
+        (0o044, 1000, 1000, False),  # the owner class decides: not readable by the owner
+        (0o040, 2000, 1000, True),  # the file's group by the primary gid
+        (0o404, 2000, 1000, False),  # group class without the group bit
+        (0o004, 2000, 2000, False),  # might be in the group by a supplementary one: unknown
+        (0o044, 2000, 2000, True),  # group and other readable: whatever the groups
+    ],
+)
+def test_readable_by_ids_never_grants_what_the_groups_could_deny(
+    vol: Volume, mode: int, uid: int, gid: int, readable: bool
+) -> None:
+    inode = vol.mknod(ROOT_INO, b"f", stat.S_IFREG | mode, 0, Caller(1000, 1000))
+    assert Volume.readable_by_ids(inode, uid, gid) is readable
