@@ -39,6 +39,7 @@ Pure and synchronous, like the rest of the core: no FUSE, no event loop.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -185,6 +186,9 @@ class Reclaim:
         self.pins = PinTable(pin_limit_pages)
         self._evict_file = evict_file
         self.cache_files: dict[int, CacheFile] = {}
+        # The queued cache files alone, oldest first (lazy: an entry counts while its file
+        # is queued with that seq), for making room for metadata rather than data.
+        self._files_heap: list[tuple[int, int, CacheFile]] = []
         self.cache_pages = PageTally()
         self._evicted_files = dict.fromkeys(PurgeCause, 0)
         self._evicted_pages = dict.fromkeys(PurgeCause, 0)
@@ -404,8 +408,38 @@ class Reclaim:
         if free and worth_evicting(data):
             if cache_file not in self.order:
                 self.order.add(cache_file)
+                heap = self._files_heap
+                heapq.heappush(heap, (cache_file.seq, cache_file.ino, cache_file))
+                if len(heap) > 64 and len(heap) > 2 * len(self.cache_files):
+                    self._files_heap = [e for e in heap if self._queued_file(e)]
+                    heapq.heapify(self._files_heap)
         else:
             self.order.discard(cache_file)
+
+    def _queued_file(self, entry: tuple[int, int, CacheFile]) -> bool:
+        seq, _, cache_file = entry
+        return cache_file in self.order and cache_file.seq == seq
+
+    def evict_file(self, cause: PurgeCause, spare: int | None = None) -> bool:
+        """Evict the least recently used evictable cache file but *spare* (to make room for
+        metadata: an inode, names, the budget); False if there is none."""
+        heap = self._files_heap
+        spared = None
+        while heap:
+            entry = heap[0]
+            if not self._queued_file(entry):
+                heapq.heappop(heap)
+            elif entry[2].ino == spare:
+                spared = heapq.heappop(heap)
+            else:
+                break
+        victim = heapq.heappop(heap)[2] if heap else None
+        if spared is not None:
+            heapq.heappush(heap, spared)
+        if victim is None:
+            return False
+        self._evict(victim, cause)
+        return True
 
     def _evict(self, cache_file: CacheFile, cause: PurgeCause) -> int:
         """Evict a queued cache-directory file; returns the pages freed."""

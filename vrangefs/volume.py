@@ -31,7 +31,7 @@ from vrangefs.pagestore import (
     pages_spanned,
 )
 from vrangefs.pins import NotPinnedError, PinInfo, PinLimitError
-from vrangefs.protocol import nonvolatile_pages, pin_pages, volatile_pages
+from vrangefs.protocol import PurgeCause, nonvolatile_pages, pin_pages, volatile_pages
 from vrangefs.reclaim import Reclaim, worth_evicting
 from vrangefs.vrange import VrangeRoot
 
@@ -110,6 +110,7 @@ class Volume:
         self.inodes = InodeTable()
         # Names of evicted files the kernel has not unlinked yet (see ghost_unlink).
         self.ghosts: dict[tuple[int, bytes], int] = {}
+        self.lingering = 0  # evicted inodes still in the table (the kernel knows them)
         self.purged_reads_zeros = purged_reads_zeros
         self.max_inodes = max_inodes if max_inodes is not None else max(store.capacity_pages, 1024)
         uid = os.getuid() if root_uid is None else root_uid
@@ -198,6 +199,8 @@ class Volume:
         if inode.alive or inode.ino == ROOT_INO:
             return
         self.budget.force(-_inode_bytes(inode))
+        if inode.evicted:
+            self.lingering -= 1
         if inode.data is not None:
             self.reclaim.forget(inode.ino, inode.vroot, inode.data)  # its units and pins
             inode.vroot = None
@@ -216,8 +219,11 @@ class Volume:
             raise FsError(errno.EEXIST)
         if pinode.nlink == 0:
             raise FsError(errno.ENOENT, "parent directory was removed")
-        if len(self.inodes) >= self.max_inodes:
-            raise FsError(errno.ENOSPC, "inode limit reached")
+        # Evicted files the kernel still knows hold no data and do not count; closed
+        # cache-directory files make room by going, least recently used first.
+        while len(self.inodes) - self.lingering >= self.max_inodes:
+            if not self.reclaim.evict_file(PurgeCause.CAP):
+                raise FsError(errno.ENOSPC, "inode limit reached")
         self._charge(budget.INODE_BYTES + budget.name_bytes(name) + extra, f"creating {name!r}")
         gid = caller.gid
         if pinode.mode & stat.S_ISGID:  # BSD group semantics under a setgid directory
@@ -283,7 +289,7 @@ class Volume:
             raise FsError(errno.ENAMETOOLONG)
         if new_name in d.entries:
             raise FsError(errno.EEXIST)
-        self._charge(budget.name_bytes(new_name), f"linking {new_name!r}")
+        self._charge(budget.name_bytes(new_name), f"linking {new_name!r}", spare=ino)
         self.bury(new_parent, new_name)
         d.add(new_name, ino)
         inode.add_link(new_parent, new_name)
@@ -470,7 +476,9 @@ class Volume:
         inode, data = self._regular(ino)
         chunks = data.new_chunks(off, len(buf))
         if chunks:
-            self._charge(chunks * budget.CHUNK_BYTES, f"inode {ino}: page tables", count=False)
+            self._charge(
+                chunks * budget.CHUNK_BYTES, f"inode {ino}: page tables", count=False, spare=ino
+            )
         try:
             written = self.reclaim.write(inode.vroot, data, off, buf)
         except NoSpaceError as e:
@@ -515,7 +523,7 @@ class Volume:
         not volatile for a while, which nothing can harm), then makes the one new unit.
         """
         inode, data = self._regular(ino)
-        self._charge(budget.UNIT_BYTES, f"inode {ino}: a volatile unit", count=False)
+        self._charge(budget.UNIT_BYTES, f"inode {ino}: a volatile unit", count=False, spare=ino)
         if _whole_file(offset, length, data.size) and inode.kept:
             inode.kept = False
             self.reclaim.cache_keep(ino, data, kept=False)
@@ -597,7 +605,7 @@ class Volume:
             return
         held = self.reclaim.pins.of(ino)
         if held is None or (*pages, tgid) not in held.pins:
-            self._charge(budget.PIN_BYTES, f"inode {ino}: a pin", count=False)
+            self._charge(budget.PIN_BYTES, f"inode {ino}: a pin", count=False, spare=ino)
         try:
             self.reclaim.pin(ino, *pages, tgid, uid)
         except PinLimitError as e:
@@ -720,6 +728,7 @@ class Volume:
         inode.data.free()
         inode.data = None
         self.budget.force(-budget.FILE_BYTES)
+        self.lingering += 1
         self._release_if_dead(inode)
         return names
 
@@ -800,7 +809,7 @@ class Volume:
         if old is not None:
             cost -= budget.xattr_bytes(name, old)
         if cost > 0:
-            self._charge(cost, f"inode {ino}: xattr {name!r}")
+            self._charge(cost, f"inode {ino}: xattr {name!r}", spare=ino)
         else:
             self.budget.force(cost)
         if inode.xattrs is None:
@@ -822,16 +831,23 @@ class Volume:
         inode.touch(ctime=True)
 
     # -- the metadata budget ------------------------------------------------------------
-    def _charge(self, nbytes: int, what: str, *, count: bool = True) -> None:
-        """ENOSPC, changing nothing, if *nbytes* more metadata would pass the cap; else
-        count them (*count*) or leave them to be counted where they are kept."""
-        try:
-            if count:
-                self.budget.charge(nbytes, what)
-            else:
-                self.budget.check(nbytes, what)
-        except MetadataFullError as e:
-            raise FsError(errno.ENOSPC, str(e)) from None
+    def _charge(
+        self, nbytes: int, what: str, *, count: bool = True, spare: int | None = None
+    ) -> None:
+        """ENOSPC, changing nothing, if *nbytes* more metadata would pass the cap even after
+        evicting closed cache-directory files (never *spare*, the inode being changed);
+        else count them (*count*) or leave them to be counted where they are kept."""
+        while True:
+            try:
+                if count:
+                    self.budget.charge(nbytes, what)
+                else:
+                    self.budget.check(nbytes, what)
+                return
+            except MetadataFullError as e:
+                # Closed cache-directory files make room, least recently used first.
+                if not self.reclaim.evict_file(PurgeCause.CAP, spare):
+                    raise FsError(errno.ENOSPC, str(e)) from None
 
     # -- whole filesystem ------------------------------------------------------------
     def statfs(self) -> FsStats:
@@ -841,7 +857,7 @@ class Volume:
             blocks=store.capacity_pages,
             blocks_free=store.free_pages,
             files=self.max_inodes,
-            files_free=max(self.max_inodes - len(self.inodes), 0),
+            files_free=max(self.max_inodes - len(self.inodes) + self.lingering, 0),
             name_max=NAME_MAX,
         )
 

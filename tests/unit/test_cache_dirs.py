@@ -769,3 +769,45 @@ def test_metadata_full_does_not_stop_evictions() -> None:
     s.grow(3)
     assert s.vol.budget.charged < before
     s.check()
+
+
+def test_a_file_whose_pages_a_range_purge_took_is_evicted_next() -> None:
+    """Its pages are one volatile unit marked before its last open, so the unit goes first;
+    the file keeps its place and is evicted next, for no pages: a reader then gets ENOENT
+    (a miss), not EIO from the purged pages."""
+    s = Setup(cap_pages=4)
+    f = s.put(s.c, b"f", 2)
+    s.vol.mark_volatile(f, 0, 0)  # setfattr on the path: no open
+    s.use(f)  # read later: the file is now newer than its unit
+    assert s.queued() == [("unit", f), ("file", f)]
+    s.vol.write(s.w, 0, b"w" * 4 * PAGE_SIZE)  # needs 2 pages: the unit is enough
+    assert [(kind, ino) for kind, ino, _, _ in s.rec.take()] == [("purged", f)]
+    assert s.queued() == [("file", f)]
+    s.check()
+    assert s.vol.reclaim.purge_all() == 0  # evicted, though it freed no page
+    assert s.names(s.c) == set()
+    assert [(kind, ino) for kind, ino, _, _ in s.rec.take()] == [("evicted", f)]
+    s.check()
+
+
+def test_creating_a_file_at_the_inode_limit_evicts_rather_than_fails() -> None:
+    """One-page files in a cache directory can fill the inode limit before the cap: the
+    next create evicts the least recently used of them instead of failing with ENOSPC."""
+    s = Setup(cap_pages=64)
+    s.vol.max_inodes = 16
+    made = [s.put(s.c, b"f%d" % i, 1) for i in range(16 - len(s.vol.inodes))]
+    assert len(s.vol.reclaim.order) == len(made)  # all evictable
+    s.put(s.c, b"one more", 1)
+    assert [ino for kind, ino, _, _ in s.rec.take() if kind == "evicted"] == made[:1]
+    s.check()
+
+
+def test_metadata_shortage_evicts_files_but_never_the_one_being_changed() -> None:
+    s = Setup(cap_pages=64)
+    made = [s.put(s.c, b"f%d" % i, 1) for i in range(8)]
+    s.vol.budget.cap = s.vol.budget.used + 100  # no room for an xattr
+    s.vol.setxattr(made[0], b"user.k", b"v" * 200)  # made[0] is the oldest: spared
+    evicted = [ino for kind, ino, _, _ in s.rec.take() if kind == "evicted"]
+    assert evicted == [made[1]]
+    assert s.vol.getxattr(made[0], b"user.k") == b"v" * 200
+    s.check()
