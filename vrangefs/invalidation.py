@@ -97,6 +97,8 @@ class Invalidator:
         self._deleting = False
         self._deletion_limiter = trio.CapacityLimiter(1)
         self.entries_deleted = 0
+        self.entries_queued = 0  # names handed to _delete_entry so far: a generation
+        self._entries_done = trio.Event()  # set, and replaced, after every batch
         self._flushes: dict[int, _Flush] = {}
         self._writing: Counter[int] = Counter()  # inodes with a WRITE in our hands
         self._recording: set[int] | None = None
@@ -128,7 +130,18 @@ class Invalidator:
         if self._delete_entry is None:
             return
         self._deletions.extend((parent, name, ino) for parent, name in names)
+        self.entries_queued += len(names)
         self._start_deleting()
+
+    async def deleted(self, generation: int) -> None:
+        """Wait until the kernel was told of the first *generation* evicted names.
+
+        Only WRITE handlers may wait for this: telling the kernel takes the name's
+        directory lock, which a request such as a create in that directory, or a
+        setxattr on it, holds while it is in our hands.
+        """
+        while self.entries_deleted < generation:
+            await self._entries_done.wait()
 
     def deletions_pending(self) -> int:
         """Names of evicted files the kernel may still hold."""
@@ -247,6 +260,8 @@ class Invalidator:
                     abandon_on_cancel=True,
                 )
                 self.entries_deleted += len(batch)
+                done, self._entries_done = self._entries_done, trio.Event()
+                done.set()
         finally:
             self._deleting = False
 

@@ -55,6 +55,10 @@ NEGATIVE_TIMEOUT = ENTRY_TIMEOUT
 # and other requests are served between them: none holds the event loop for long.
 SLICE_SECONDS = 0.002
 
+# How long a WRITE that evicted cache-directory files waits for the kernel to drop their
+# names (the unlinks through the mount take well under a millisecond each).
+EVICTED_NAMES_WAIT = 1.0
+
 
 # Fault injection, for tests only: with VRANGEFS_FAULT_INJECTION=1 in the
 # daemon's environment, setting ``user.vrange.fault`` on the mount root to a
@@ -402,7 +406,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
-        """Store data; if that purged other files, return once their cache is dropped.
+        """Store data; if that purged or evicted other files, return once the kernel knows.
 
         Writeback of a page cached before it was purged must not bring its old
         bytes back.  Dropping the kernel's cache writes dirty mapped pages back
@@ -426,11 +430,17 @@ class Operations(pyfuse3.Operations):
             raise FsError(errno.EIO, f"inode {ino}: writeback into page {off // PAGE_SIZE}, purged")
         with invalidator.writing(ino):
             purged: set[int] = set()
+            evicted = invalidator.entries_queued
             try:
                 with invalidator.recording() as purged:
                     return self.volume.write(ino, off, buf)
             finally:  # a write that purged and still failed (ENOSPC) waits all the same
                 await invalidator.settle(purged, from_write=True)
+                if invalidator.entries_queued > evicted:
+                    # Files it evicted are gone for the kernel too when it returns (within
+                    # reason: past the deadline, their names still answer ESTALE).
+                    with trio.move_on_after(EVICTED_NAMES_WAIT):
+                        await invalidator.deleted(invalidator.entries_queued)
 
     @_handler
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
