@@ -53,7 +53,7 @@ NEGATIVE_TIMEOUT = ENTRY_TIMEOUT
 
 # A big request (an unmark or purge-all over many units) runs in slices of this much time,
 # and other requests are served between them: none holds the event loop for long.
-SLICE_SECONDS = 0.002
+SLICE_SECONDS = 0.001
 
 # How long a WRITE that evicted cache-directory files waits for the kernel to drop their
 # names (the unlinks through the mount take well under a millisecond each).

@@ -930,8 +930,8 @@ class Volume:
         assert pages == reclaim.cache_pages.pages, (pages, reclaim.cache_pages.pages)
 
 
-UNITS_PER_SLICE = 200
-"""Units one slice of a big mark or unmark changes (about 4 ms of work at most)."""
+UNITS_PER_SLICE = 50
+"""Units one slice of a big mark or unmark changes (about 1 ms of work)."""
 
 
 def default_metadata_cap(cap_bytes: int) -> int:
