@@ -35,3 +35,11 @@ step dd if="$mnt/keep.bin" of="$mnt/thumbnail.cache" bs=1M status=none conv=notr
 step getfattr -n user.vrange.purged "$mnt/thumbnail.cache"
 step cmp "$mnt/keep.bin" "$mnt/thumbnail.cache"
 step vrangefs stats "$mnt"
+
+# Programs that know nothing of volatile ranges (ccache, pip, thumbnailers): in a cache
+# directory, closed files are evicted whole when memory is needed, and a missing file is a miss.
+step mkdir "$mnt/ccache"
+step vrangefs cachedir "$mnt/ccache"
+step dd if=/dev/urandom of="$mnt/ccache/result.o" bs=1M count=4 status=none
+step vrangefs purge "$mnt"                 # as the cap or memory pressure would
+step ls -A "$mnt/ccache"                   # empty: result.o was evicted, a cache miss
