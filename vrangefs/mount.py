@@ -121,6 +121,7 @@ async def _serve(ops: Operations, config: MountConfig) -> None:
         nursery.start_soon(ops.invalidator.run)
         await nursery.start(ops.events.serve)  # its socket is named before requests are served
         nursery.start_soon(ops.processes.run)
+        nursery.start_soon(ops.reap)
         if config.pressure is not None:
             nursery.start_soon(
                 pressure.watch,

@@ -152,8 +152,21 @@ class Operations(pyfuse3.Operations):
         volume.reclaim.listener = self.invalidator
         self.events = EventHub(volume.path_of)  # `vrangefs events`; served by mount.py
         volume.reclaim.observer = self.events
+        self._reap_wanted = trio.Event()
+        volume.on_reap = self._wake_reaper
         self.processes = ProcessWatcher(self._process_exited, proc)
         volume.reclaim.pins.listener = self.processes
+
+    def _wake_reaper(self) -> None:
+        self._reap_wanted.set()
+
+    async def reap(self) -> None:
+        """Free dead inodes with many units in slices, whenever the volume queues one
+        (a task of the daemon's nursery): an rm of such a file holds nobody up."""
+        while True:
+            await self._reap_wanted.wait()
+            self._reap_wanted = trio.Event()
+            await self._run(self.volume.reaping(), set())
 
     def _process_exited(self, tgid: int) -> None:
         """A process that held pins has exited: its pins go, its units are purgeable again."""

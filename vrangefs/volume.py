@@ -15,7 +15,8 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vrangefs import budget
@@ -111,6 +112,10 @@ class Volume:
         # Names of evicted files the kernel has not unlinked yet (see ghost_unlink).
         self.ghosts: dict[tuple[int, bytes], int] = {}
         self.lingering = 0  # evicted inodes still in the table (the kernel knows them)
+        # Dead inodes whose units are many, for reaping() to drop in slices; on_reap is
+        # told when one is queued (the daemon then runs the job).
+        self._reap_queue: deque[Inode] = deque()
+        self.on_reap: Callable[[], None] | None = None
         self.purged_reads_zeros = purged_reads_zeros
         self.max_inodes = max_inodes if max_inodes is not None else max(store.capacity_pages, 1024)
         uid = os.getuid() if root_uid is None else root_uid
@@ -139,6 +144,22 @@ class Volume:
         self.budget.count(lambda: self.reclaim.units, budget.UNIT_BYTES)
         self.budget.count(lambda: self.reclaim.pins.records, budget.PIN_BYTES)
         self.budget.count(lambda: store.chunks, budget.CHUNK_BYTES)
+
+    # -- reaping -------------------------------------------------------------------
+    def reaping(self) -> Iterator[None]:
+        """A job that frees the dead inodes with many volatile units, slice by slice.
+
+        Their units stay purgeable meanwhile, so their data goes with the units it
+        holds; nothing else can reach them (no name, no open file, no lookup).
+        """
+        while self._reap_queue:
+            inode = self._reap_queue.popleft()
+            data, root = inode.data, inode.vroot
+            if data is not None and root is not None and len(root):
+                yield from self._unmarking(inode, data, 0, root.last_page())
+            inode.reaping = False
+            self._release_if_dead(inode)
+            yield
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -197,6 +218,13 @@ class Volume:
         tmpfs.  The kernel forgets an unlinked inode promptly.
         """
         if inode.alive or inode.ino == ROOT_INO:
+            return
+        if inode.vroot is not None and len(inode.vroot) > UNITS_PER_SLICE:
+            # Dropping many units is long: done in slices by the reaper, then freed here.
+            inode.reaping = True
+            self._reap_queue.append(inode)
+            if self.on_reap is not None:
+                self.on_reap()
             return
         self.budget.force(-_inode_bytes(inode))
         if inode.evicted:

@@ -226,6 +226,10 @@ class VrangeRoot:
                     found.append(unit)
         return found
 
+    def last_page(self) -> int:
+        """The end page of the last unit (0 if there is none)."""
+        return int(self._bounds().keys()[-1]) if self._starts else 0
+
     def slice_end(self, start: int, end: int, units: int) -> int:
         """A page in (start, end] such that [start, it) overlaps at most about *units* units.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.integration.conftest import Mounter
 from tests.integration.vrange_helpers import stats
 
@@ -66,3 +67,22 @@ def test_cycles_leave_rss_and_descriptors_as_they_were(mounter: Mounter) -> None
     s = stats(mount.path)
     assert s["metadata_bytes"] == metadata_before  # every charge was given back
     assert s["inodes"] == 3 and s["volatile_units"] == 0  # the root, d and marked
+
+
+@pytest.mark.timeout(120)
+def test_rm_of_a_file_with_many_units_frees_it_all(mounter: Mounter) -> None:
+    """Its units are dropped by the daemon's reaper in slices, after the rm returns."""
+    mount = mounter.mount("64M")
+    f = mount.path / "many"
+    f.write_bytes(b"u" * (4000 * 4096))
+    for i in range(2000):
+        os.setxattr(f, "user.vrange.volatile", f"{2 * i * 4096},4096".encode())
+    s = stats(mount.path)
+    assert s["volatile_units"] == 2000 and s["inodes"] == 2
+    f.unlink()
+
+    def freed() -> bool:
+        s = stats(mount.path)
+        return s["volatile_units"] == 0 and s["inodes"] == 1 and s["resident_bytes"] == 0
+
+    wait_until(freed, 30, "the file and its units freed")

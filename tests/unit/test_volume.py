@@ -434,3 +434,30 @@ def test_readable_by_ids_never_grants_what_the_groups_could_deny(
 ) -> None:
     inode = vol.mknod(ROOT_INO, b"f", stat.S_IFREG | mode, 0, Caller(1000, 1000))
     assert Volume.readable_by_ids(inode, uid, gid) is readable
+
+
+def test_a_dead_inode_with_many_units_is_freed_by_the_reaper_in_slices() -> None:
+    from vrangefs.volume import UNITS_PER_SLICE
+
+    units = 5 * UNITS_PER_SLICE
+    vol = Volume(PageStore(4 * units * PAGE_SIZE))
+    f = vol.create(ROOT_INO, b"many", 0o644, ROOT).ino
+    vol.write(f, 0, b"m" * (2 * units * PAGE_SIZE))
+    for i in range(units):
+        vol.mark_volatile(f, 2 * i * PAGE_SIZE, PAGE_SIZE)
+    woken: list[int] = []
+    vol.on_reap = lambda: woken.append(1)
+    vol.release(f)
+    vol.unlink(ROOT_INO, b"many")
+    vol.forget(f, 1)
+    assert woken and vol.inodes.get(f) is not None  # queued, not freed in this step
+    job = vol.reaping()
+    steps = 0
+    for _ in job:
+        steps += 1
+        vol.check_invariants()
+        if steps == 2:
+            assert vol.reclaim.purge_all() > 0  # its units stay purgeable meanwhile
+    assert steps > 4
+    assert vol.inodes.get(f) is None
+    assert vol.reclaim.units == 0 and vol.store.used_pages == 0
