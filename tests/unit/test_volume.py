@@ -14,7 +14,14 @@ import pytest
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO, Inode
 from vrangefs.pagestore import PAGE_SIZE, PageStore
-from vrangefs.volume import RENAME_EXCHANGE, RENAME_NOREPLACE, AttrChange, Caller, Volume
+from vrangefs.volume import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    UNITS_PER_SLICE,
+    AttrChange,
+    Caller,
+    Volume,
+)
 
 ROOT = Caller(0, 0)
 CAP_PAGES = 64
@@ -437,8 +444,6 @@ def test_readable_by_ids_never_grants_what_the_groups_could_deny(
 
 
 def test_a_dead_inode_with_many_units_is_freed_by_the_reaper_in_slices() -> None:
-    from vrangefs.volume import UNITS_PER_SLICE
-
     units = 5 * UNITS_PER_SLICE
     vol = Volume(PageStore(4 * units * PAGE_SIZE))
     f = vol.create(ROOT_INO, b"many", 0o644, ROOT).ino
