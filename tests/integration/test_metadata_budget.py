@@ -48,9 +48,7 @@ def test_a_second_user_cannot_grow_the_daemon_past_the_budget(mounter: Mounter) 
         big.write_bytes(b"u" * (4 * MIB))
         os.truncate(big, 64 * MIB)  # sparse beyond: units over holes cost metadata too
         out = {}
-        out["xattrs"] = fill(
-            lambda i: os.setxattr(big, f"user.a{i}", b"v" * 60_000), limit=10_000
-        )
+        out["xattrs"] = fill(lambda i: os.setxattr(big, f"user.a{i}", b"v" * 60_000), limit=10_000)
         for name in os.listxattr(big):
             os.removexattr(big, name)
         out["units"] = fill(
