@@ -132,7 +132,7 @@ class Volume:
         if metadata_cap is None:
             metadata_cap = default_metadata_cap(store.cap_bytes)
         self.budget = MetadataBudget(metadata_cap)
-        self.budget.force(budget.INODE_BYTES + budget.DIRECTORY_BYTES)  # the root
+        self.budget.force(_inode_bytes(root))
         self.reclaim = Reclaim(
             store,
             self._file_of,
@@ -252,18 +252,18 @@ class Volume:
         while len(self.inodes) - self.lingering >= self.max_inodes:
             if not self.reclaim.evict_file(PurgeCause.CAP):
                 raise FsError(errno.ENOSPC, "inode limit reached")
-        self._charge(budget.INODE_BYTES + budget.name_bytes(name) + extra, f"creating {name!r}")
+        cost = budget.INODE_BYTES + extra
+        self._charge(cost + budget.name_bytes(name), f"creating {name!r}", count=False)
         gid = caller.gid
         if pinode.mode & stat.S_ISGID:  # BSD group semantics under a setgid directory
             gid = pinode.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         inode = self.inodes.new(mode, caller.uid, gid, rdev)
+        self.budget.force(cost)
         inode.nlink = 1
         inode.lookups = 1
-        self.bury(parent, name)
-        d.add(name, inode.ino)
-        inode.add_link(parent, name)
+        self._add_name(d, parent, name, inode)
         pinode.touch(mtime=True, ctime=True)
         return inode
 
@@ -317,10 +317,8 @@ class Volume:
             raise FsError(errno.ENAMETOOLONG)
         if new_name in d.entries:
             raise FsError(errno.EEXIST)
-        self._charge(budget.name_bytes(new_name), f"linking {new_name!r}", spare=ino)
-        self.bury(new_parent, new_name)
-        d.add(new_name, ino)
-        inode.add_link(new_parent, new_name)
+        self._charge(budget.name_bytes(new_name), f"linking {new_name!r}", count=False, spare=ino)
+        self._add_name(d, new_parent, new_name, inode)
         inode.nlink += 1
         inode.lookups += 1
         inode.touch(ctime=True)
@@ -334,9 +332,7 @@ class Volume:
         inode = self._child(parent, name)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
-        d.remove(name)
-        self.budget.force(-budget.name_bytes(name))
-        inode.drop_link(parent, name)
+        self._remove_name(d, parent, name, inode)
         inode.nlink -= 1
         inode.touch(ctime=True)
         pinode.touch(mtime=True, ctime=True)
@@ -350,9 +346,7 @@ class Volume:
             raise FsError(errno.ENOTDIR)
         if len(inode.dir):
             raise FsError(errno.ENOTEMPTY)
-        d.remove(name)
-        self.budget.force(-budget.name_bytes(name))
-        inode.drop_link(parent, name)
+        self._remove_name(d, parent, name, inode)
         inode.nlink = 0
         inode.touch(ctime=True)
         pinode.nlink -= 1
@@ -403,23 +397,17 @@ class Volume:
                     raise FsError(errno.ENOTEMPTY)
             elif dst.is_dir:
                 raise FsError(errno.EISDIR)
-        od.remove(old_name)
         # A longer name may take the count past the cap: a rename never fails for it.
-        self.budget.force(budget.name_bytes(new_name) - budget.name_bytes(old_name))
-        src.drop_link(old_parent, old_name)
+        self._remove_name(od, old_parent, old_name, src)
         if dst is not None:
-            nd.remove(new_name)
-            self.budget.force(-budget.name_bytes(new_name))
-            dst.drop_link(new_parent, new_name)
+            self._remove_name(nd, new_parent, new_name, dst)
             if dst.is_dir:
                 dst.nlink = 0
                 np.nlink -= 1
             else:
                 dst.nlink -= 1
             dst.touch(ctime=True)
-        self.bury(new_parent, new_name)
-        nd.add(new_name, src.ino)
-        src.add_link(new_parent, new_name)
+        self._add_name(nd, new_parent, new_name, src)
         if src.is_dir and op is not np:
             op.nlink -= 1
             np.nlink += 1
@@ -743,12 +731,10 @@ class Volume:
         names = inode.links()
         for parent, name in names:
             pinode, d = self._dir(parent)
-            d.remove(name)
-            self.budget.force(-budget.name_bytes(name))
+            self._remove_name(d, parent, name, inode)
             pinode.touch(mtime=True, ctime=True)
             self.ghosts[parent, name] = ino
         inode.ghosts = len(names)
-        inode.parent, inode.name, inode.more_links = 0, None, None
         inode.nlink = 0
         inode.evicted = True
         self.reclaim.forget(ino, inode.vroot, inode.data)  # units, pins, order
@@ -857,6 +843,24 @@ class Volume:
             raise FsError(errno.ENODATA)
         self.budget.force(-budget.xattr_bytes(name, inode.xattrs.pop(name)))
         inode.touch(ctime=True)
+
+    # -- directory entries --------------------------------------------------------------
+    # Every name is an entry of its directory, a link of its inode and metadata counted in
+    # the budget: these two keep the three together.
+    def _add_name(self, d: Directory, parent: int, name: bytes, inode: Inode) -> None:
+        """Enter *name* for *inode* in directory *parent* (a ghost of that name is buried).
+
+        Checking the budget for it is the caller's business: a rename must not fail.
+        """
+        self.bury(parent, name)
+        d.add(name, inode.ino)
+        inode.add_link(parent, name)
+        self.budget.force(budget.name_bytes(name))
+
+    def _remove_name(self, d: Directory, parent: int, name: bytes, inode: Inode) -> None:
+        d.remove(name)
+        inode.drop_link(parent, name)
+        self.budget.force(-budget.name_bytes(name))
 
     # -- the metadata budget ------------------------------------------------------------
     def _charge(
