@@ -76,6 +76,16 @@ def cgroup_procs() -> Iterator[Path | None]:
         wait_until(removed, 20, f"cgroup {base} removed")
 
 
+def _under_pressure(procs: Path | None) -> tuple[list[str], int]:
+    """Mount options that put the daemon under memory pressure, and how many FILE_SIZE files
+    to write: 8 (128 MiB) in the 160 MiB cgroup, or, without one, 3 with ``--min-free``
+    above what the machine has available."""
+    if procs is not None:
+        return ["--memory-cap", "1G", "--min-free", str(MIN_FREE)], 8
+    avail = int(_meminfo()["MemAvailable"])
+    return ["--memory-cap", "1G", "--min-free", str(avail + 512 * MiB)], 3
+
+
 def _mount_in(procs: Path | None, mounter: Mounter, args: list[str]) -> Path:
     path = mounter.mountpoint()
     log = mounter.log_path()
@@ -94,13 +104,7 @@ def test_pressure_purges_oldest_units_and_no_stale_reads(
     cgroup_procs: Path | None, mounter: Mounter
 ) -> None:
     procs = cgroup_procs
-    if procs is not None:
-        args = ["--memory-cap", "1G", "--min-free", str(MIN_FREE)]
-        count = 8  # 128 MiB of volatile data in a 160 MiB cgroup
-    else:
-        avail = int(_meminfo()["MemAvailable"])
-        args = ["--memory-cap", "1G", "--min-free", str(avail + 512 * MiB)]
-        count = 3
+    args, count = _under_pressure(procs)
     path = _mount_in(procs, mounter, [*args, "--pressure-interval", "0.1"])
     keep = path / "keep.bin"
     keep_data = os.urandom(2 * MiB)
@@ -196,13 +200,7 @@ def test_pressure_evicts_cache_directory_files_oldest_first(
     cgroup_procs: Path | None, mounter: Mounter
 ) -> None:
     procs = cgroup_procs
-    if procs is not None:
-        args = ["--memory-cap", "1G", "--min-free", str(MIN_FREE)]
-        count = 8  # 128 MiB of cache files in a 160 MiB cgroup
-    else:
-        avail = int(_meminfo()["MemAvailable"])
-        args = ["--memory-cap", "1G", "--min-free", str(avail + 512 * MiB)]
-        count = 3
+    args, count = _under_pressure(procs)
     path = _mount_in(procs, mounter, [*args, "--cache-dir", "--pressure-interval", "0.1"])
     plain = path / "plain"
     plain.mkdir()
