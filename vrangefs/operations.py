@@ -153,6 +153,7 @@ class Operations(pyfuse3.Operations):
         self.events = EventHub(volume.path_of)  # `vrangefs events`; served by mount.py
         volume.reclaim.observer = self.events
         self._reap_wanted = trio.Event()
+        self._reaped = trio.Event()  # set (and replaced) each time the reaper is done
         volume.on_reap = self._wake_reaper
         self.processes = ProcessWatcher(self._process_exited, proc)
         volume.reclaim.pins.listener = self.processes
@@ -161,17 +162,26 @@ class Operations(pyfuse3.Operations):
         self._reap_wanted.set()
 
     async def reap(self) -> None:
-        """Free dead inodes with many units in slices, whenever the volume queues one
-        (a task of the daemon's nursery): an rm of such a file holds nobody up."""
+        """Release exited processes' pins and free dead inodes with many units, in
+        slices, whenever the volume queues one (a task of the daemon's nursery): the
+        exit of a process with 100,000 pins or an rm of such a file holds nobody up."""
         while True:
             await self._reap_wanted.wait()
             self._reap_wanted = trio.Event()
             await self._run(self.volume.reaping(), set())
+            self._reaped.set()
+            self._reaped = trio.Event()
 
     def _process_exited(self, tgid: int) -> None:
-        """A process that held pins has exited: its pins go, its units are purgeable again."""
-        released = self.volume.release_owner(tgid)
-        log.debug("process %d exited: %d pins released", tgid, released)
+        """A process that held pins has exited: its pins go (in slices, by the reaper),
+        its units become purgeable again."""
+        self.volume.process_exited(tgid)
+
+    async def _released(self, tgid: int) -> None:
+        """Return once no pin of an exited process with pid *tgid* is left: a new
+        process that got its pid then starts with none."""
+        while self.volume.releasing(tgid):
+            await self._reaped.wait()
 
     # -- evicted names -----------------------------------------------------------------
     def _name_path(self, parent: int, name: bytes) -> bytes | None:
@@ -565,6 +575,7 @@ class Operations(pyfuse3.Operations):
         # come from /proc, read only if its uid and gid alone do not grant it.
         credentials = name in control.READ_CHECKED and not self._may_read(ino, ctx)
         process = self.processes.identify(ctx.pid, credentials=credentials)
+        await self._released(process.tgid)
         caller = Caller(ctx.uid, ctx.gid, process.groups, process.privileged)
         pinning = name in control.PINNING
         if pinning:  # watched before its pin is recorded: its exit cannot be missed

@@ -29,11 +29,12 @@ releasing them all at its exit.
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
+
+from sortedcontainers import SortedList
 
 from vrangefs.protocol import PAGE_SIZE
 
@@ -75,8 +76,10 @@ class InodePins:
 
     def __init__(self) -> None:
         self.pins: dict[tuple[int, int, int], _Pin] = {}  # (start, end, tgid) -> pin
-        self._starts: list[int] = []  # sorted, one entry per key of `pins`
-        self._ends: list[int] = []
+        # One entry per key of `pins`, sorted: O(log n) to add or remove anywhere, so
+        # neither pinning nor an exit's release depends on where a pin lies.
+        self._starts = SortedList()
+        self._ends = SortedList()
 
     def __len__(self) -> int:
         """The number of distinct (range, owner) pins (not their counts)."""
@@ -84,7 +87,9 @@ class InodePins:
 
     def covers(self, start: int, end: int) -> bool:
         """Whether any page of [start, end) is pinned."""
-        return bisect.bisect_left(self._starts, end) - bisect.bisect_right(self._ends, start) > 0
+        started: int = self._starts.bisect_left(end)
+        ended: int = self._ends.bisect_right(start)
+        return started > ended
 
     def listing(self) -> list[PinInfo]:
         """Every live pin, sorted by (start, end, tgid)."""
@@ -92,23 +97,22 @@ class InodePins:
 
     def _add(self, key: tuple[int, int, int], pin: _Pin) -> None:
         self.pins[key] = pin
-        bisect.insort(self._starts, key[0])
-        bisect.insort(self._ends, key[1])
+        self._starts.add(key[0])
+        self._ends.add(key[1])
 
     def _remove(self, key: tuple[int, int, int]) -> _Pin:
         pin = self.pins.pop(key)
-        del self._starts[bisect.bisect_left(self._starts, key[0])]
-        del self._ends[bisect.bisect_left(self._ends, key[1])]
+        self._starts.remove(key[0])
+        self._ends.remove(key[1])
         return pin
 
     def _remove_many(self, keys: list[tuple[int, int, int]]) -> list[_Pin]:
-        """Remove several pins at once: the sorted lists are rebuilt once, not shifted
-        once per pin (a process with 100,000 pins on one file took 1.6 s to release)."""
+        """Remove several pins at once: the sorted lists are rebuilt once."""
         if len(keys) <= 8:
             return [self._remove(key) for key in keys]
         removed = [self.pins.pop(key) for key in keys]
-        self._starts = sorted(key[0] for key in self.pins)
-        self._ends = sorted(key[1] for key in self.pins)
+        self._starts = SortedList(key[0] for key in self.pins)
+        self._ends = SortedList(key[1] for key in self.pins)
         return removed
 
 
@@ -205,18 +209,32 @@ class PinTable:
 
     def release_owner(self, tgid: int) -> list[tuple[int, int, int]]:
         """Drop every pin of a process that exited; returns the (ino, start, end) ranges."""
-        keys = self._owners.get(tgid)
-        if keys is None:
-            return []
-        released = sorted(keys)
-        by_inode: dict[int, list[tuple[int, int, int]]] = {}
-        for ino, start, end in released:
-            by_inode.setdefault(ino, []).append((start, end, tgid))
-        for ino, inode_keys in by_inode.items():
-            for pin in self._drop_many(ino, inode_keys):
-                self.pins -= pin.count
-                self.released_by_exit += pin.count
-        return released
+        return sorted(self.release(tgid, self.owned(tgid)))
+
+    def owned(self, tgid: int) -> list[tuple[int, int, int]]:
+        """The (ino, start, end) ranges *tgid* pins, in no particular order (sorting
+        100,000 of them would take 0.1 s in one step)."""
+        return list(self._owners.get(tgid, ()))
+
+    def release(self, tgid: int, ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Drop all of *tgid*'s pins on *ranges* (a part of :meth:`owned`), counts and all.
+
+        For releasing the pins of an exited process in slices: each call costs about
+        the number of ranges. Ranges no longer pinned (their inode was freed) are skipped:
+        returns the ones dropped.
+        """
+        dropped = []
+        for ino, start, end in ranges:
+            pins = self._inodes.get(ino)
+            key = (start, end, tgid)
+            pin = None if pins is None else pins.pins.get(key)
+            if pins is None or pin is None:
+                continue  # its inode was freed meanwhile, pins and all
+            self._drop(ino, pins, key)
+            self.pins -= pin.count
+            self.released_by_exit += pin.count
+            dropped.append((ino, start, end))
+        return dropped
 
     def forget_inode(self, ino: int) -> None:
         """Drop every pin of an inode that is being freed."""
@@ -272,8 +290,8 @@ class PinTable:
         for ino, inode_pins in self._inodes.items():
             _check(bool(inode_pins.pins), f"inode {ino} has an empty pin set")
             _check(
-                inode_pins._starts == sorted(s for s, _, _ in inode_pins.pins)
-                and inode_pins._ends == sorted(e for _, e, _ in inode_pins.pins),
+                list(inode_pins._starts) == sorted(s for s, _, _ in inode_pins.pins)
+                and list(inode_pins._ends) == sorted(e for _, e, _ in inode_pins.pins),
                 f"inode {ino}: start and end indexes disagree with its pins",
             )
             for (start, end, tgid), pin in inode_pins.pins.items():

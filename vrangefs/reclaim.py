@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 # pages on its way to the low watermark: the work a request may do is bounded.
 RECLAIM_EXTRA_PAGES = 16384  # 64 MiB
 RECLAIM_EXTRA_UNITS = 256  # ...and at most this many units (each costs ~15 us)
+PINS_PER_STEP = 32  # pins of an exited process dropped per step (each costs ~10 us)
 
 
 Link = tuple[int, bytes]
@@ -283,10 +284,20 @@ class Reclaim:
 
     def release_owner(self, tgid: int) -> int:
         """Drop every pin of a process that exited; returns how many (counted) went."""
-        before = self.pins.pins
-        for ino, start, end in self.pins.release_owner(tgid):
-            self._released(ino, start, end)
-        return before - self.pins.pins
+        return sum(self.releasing_owner(tgid))
+
+    def releasing_owner(self, tgid: int, per_step: int = PINS_PER_STEP) -> Iterator[int]:
+        """Drop every pin of a process that exited, *per_step* at a time (a job: a
+        process may hold 100,000 pins); yields how many (counted) each step dropped.
+
+        Its remaining pins hold their pages meanwhile, as if it were still exiting.
+        """
+        ranges = self.pins.owned(tgid)
+        for i in range(0, len(ranges), per_step):
+            before = self.pins.pins
+            for ino, start, end in self.pins.release(tgid, ranges[i : i + per_step]):
+                self._released(ino, start, end)
+            yield before - self.pins.pins
 
     def _released(self, ino: int, start: int, end: int) -> None:
         """A pin on pages [start, end) of *ino* is gone: put back the units it alone held."""

@@ -115,6 +115,8 @@ class Volume:
         # Dead inodes whose units are many, for reaping() to drop in slices; on_reap is
         # told when one is queued (the daemon then runs the job).
         self._reap_queue: deque[Inode] = deque()
+        # Processes that exited holding pins, for reaping() to release them in slices.
+        self._exited: deque[int] = deque()
         self.on_reap: Callable[[], None] | None = None
         self.purged_reads_zeros = purged_reads_zeros
         self.max_inodes = max_inodes if max_inodes is not None else max(store.capacity_pages, 1024)
@@ -147,11 +149,22 @@ class Volume:
 
     # -- reaping -------------------------------------------------------------------
     def reaping(self) -> Iterator[None]:
-        """A job that frees the dead inodes with many volatile units, slice by slice.
+        """A job that releases the pins of exited processes and frees the dead inodes
+        with many volatile units, slice by slice.
 
-        Their units stay purgeable meanwhile, so their data goes with the units it
-        holds; nothing else can reach them (no name, no open file, no lookup).
+        An exited process's remaining pins hold their pages meanwhile (a new process
+        with its pid waits, see :meth:`releasing`). A dead inode's units stay
+        purgeable meanwhile, so its data goes with the units it holds; nothing else
+        can reach it (no name, no open file, no lookup).
         """
+        while self._exited:
+            tgid = self._exited[0]
+            released = 0
+            for count in self.reclaim.releasing_owner(tgid):
+                released += count
+                yield
+            self._exited.popleft()
+            log.debug("process %d exited: %d pins released", tgid, released)
         while self._reap_queue:
             inode = self._reap_queue.popleft()
             data, root = inode.data, inode.vroot
@@ -650,6 +663,17 @@ class Volume:
     def release_owner(self, tgid: int) -> int:
         """Process *tgid* exited: drop all its pins; returns how many (counted) went."""
         return self.reclaim.release_owner(tgid)
+
+    def process_exited(self, tgid: int) -> None:
+        """Process *tgid* exited holding pins: release them in slices (see reaping)."""
+        self._exited.append(tgid)
+        if self.on_reap is not None:
+            self.on_reap()
+
+    def releasing(self, tgid: int) -> bool:
+        """Whether pins of an exited process *tgid* are still being released: a new
+        process with the same pid must not pin or unpin until they are."""
+        return tgid in self._exited
 
     @staticmethod
     def may_read(inode: Inode, caller: Caller) -> bool:

@@ -315,11 +315,12 @@ class Fs:
 
 @asynccontextmanager
 async def serving(fs: Fs) -> AsyncIterator[trio.Nursery]:
-    """Host the invalidator and the process watcher as the daemon does; yield a nursery
+    """Host the invalidator, the process watcher and the reaper as the daemon does; yield a nursery
     for request tasks."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs.ops.invalidator.run)
         nursery.start_soon(fs.ops.processes.run)
+        nursery.start_soon(fs.ops.reap)
         await trio.testing.wait_all_tasks_blocked()
         try:
             yield nursery

@@ -386,6 +386,36 @@ def test_the_pins_of_a_killed_process_go_at_once(sleeper: subprocess.Popen[bytes
     fs.volume.check_invariants()
 
 
+def test_the_pins_of_a_process_with_thousands_go_in_slices(
+    sleeper: subprocess.Popen[bytes],
+) -> None:
+    """Releasing an exited process's pins is a job of small steps: requests made
+    meanwhile are answered while some of its pins are gone and some are not."""
+    count = 5000
+    fs = Fs(cap_pages=4 * count)  # a user may pin half the cap
+    theirs = context(pid=sleeper.pid)
+
+    async def body() -> list[int]:
+        seen: list[int] = []
+        async with serving(fs):
+            f = await fs.volatile_file(b"f", count)
+            for i in range(count):
+                await fs.ops.setxattr(f.ino, PIN_B, b"%d,%d" % (i * P, P), theirs)
+            sleeper.kill()
+            with trio.fail_after(5):
+                while not seen or seen[-1]:
+                    seen.append(int((await fs.stats())["pins"]))
+                    await trio.sleep(0)
+            await fs.purge_all()
+            assert await fs.purged(f.ino) == b"0,%d\n" % (count * P)  # purgeable again
+        return seen
+
+    seen = run(body)
+    assert any(0 < pins < count for pins in seen), seen
+    assert fs.volume.reclaim.pins.released_by_exit == count
+    fs.volume.check_invariants()
+
+
 def test_a_process_is_watched_only_while_it_holds_pins(sleeper: subprocess.Popen[bytes]) -> None:
     fs = Fs(cap_pages=8)
     theirs = context(pid=sleeper.pid)

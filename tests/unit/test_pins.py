@@ -110,6 +110,28 @@ def test_release_owner_drops_every_pin_of_the_process() -> None:
     table.check_invariants()
 
 
+def test_an_exited_process_is_released_in_parts() -> None:
+    """release() of a part of owned() leaves the rest pinned and skips ranges whose
+    inode was freed in between."""
+    table = PinTable()
+    gone = Gone()
+    table.listener = gone
+    for page in range(4):
+        table.pin(1, page, page + 1, A, UID)
+    table.pin(2, 0, 1, A, UID)
+    table.pin(1, 0, 1, B, UID)
+    assert sorted(table.owned(A)) == [(1, 0, 1), (1, 1, 2), (1, 2, 3), (1, 3, 4), (2, 0, 1)]
+    owned = [(2, 0, 1), (1, 3, 4), (1, 2, 3), (1, 1, 2), (1, 0, 1)]
+    assert table.release(A, owned[:2]) == owned[:2]
+    assert (table.pins, table.released_by_exit) == (4, 2)
+    assert table.covers(1, 0, 3) and not table.covers(1, 3, 4) and not table.covers(2, 0, 1)
+    assert gone.owners == []
+    table.forget_inode(1)  # the file is freed: B's pin and A's remaining ones go
+    assert table.release(A, owned[2:]) == []
+    assert (table.pins, table.released_by_exit, gone.owners) == (0, 2, [A, B])
+    table.check_invariants()
+
+
 def test_an_owner_whose_last_pin_goes_is_reported_gone() -> None:
     table = PinTable()
     gone = Gone()

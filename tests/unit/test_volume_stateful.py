@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from hypothesis import settings
@@ -136,6 +136,9 @@ class VolumeMachine(RuleBasedStateMachine):
             low_watermark=1.0,  # a write at the cap purges what it needs, no more
         )
         self.released_by_exit = 0
+        # Exits being released step by step, as the daemon's reaper does (see
+        # process_exit_steps); the daemon holds back the pid's pin requests meanwhile.
+        self.exiting: dict[int, Iterator[int]] = {}
         self.inos: dict[bytes, int] = {}
         self.model: dict[bytes, ModelFile] = {}
         self.seq = 0
@@ -323,6 +326,8 @@ class VolumeMachine(RuleBasedStateMachine):
         tgid=st.sampled_from(PROCESSES),
     )
     def pin(self, name: bytes, off: int, length: int, tgid: int) -> None:
+        if tgid in self.exiting:
+            return
         m = self.model[name]
         uid = UID_OF[tgid]
         pages = pin_pages(off, length, m.size)
@@ -348,6 +353,8 @@ class VolumeMachine(RuleBasedStateMachine):
         tgid=st.sampled_from(PROCESSES),
     )
     def unpin(self, name: bytes, off: int, length: int, tgid: int) -> None:
+        if tgid in self.exiting:
+            return
         m = self.model[name]
         pages = pin_pages(off, length, m.size)
         key = None if pages is None else (*pages, tgid)
@@ -365,6 +372,8 @@ class VolumeMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(NAMES), tgid=st.sampled_from(PROCESSES))
     def unpin_as_listed(self, name: bytes, tgid: int) -> None:
         """Unpin one of the process's pins by the range user.vrange.pins shows."""
+        if tgid in self.exiting:
+            return
         m = self.model[name]
         mine = sorted(key for key in m.pins if key[2] == tgid)
         if not mine:
@@ -377,6 +386,9 @@ class VolumeMachine(RuleBasedStateMachine):
 
     @rule(tgid=st.sampled_from(PROCESSES))
     def process_exits(self, tgid: int) -> None:
+        if tgid in self.exiting:
+            self.process_exit_steps(tgid, len(PROCESSES) * 1000)
+            return
         released = self.volume.release_owner(tgid)
         expected = 0
         for m in self.model.values():
@@ -384,6 +396,33 @@ class VolumeMachine(RuleBasedStateMachine):
                 expected += m.pins.pop(key)[0]
         assert released == expected
         self.released_by_exit += expected
+
+    @rule(tgid=st.sampled_from(PROCESSES), steps=st.integers(1, 3))
+    def process_exit_steps(self, tgid: int, steps: int) -> None:
+        """The daemon's way: an exit is released one pin per step here, with other
+        rules in between; the pins not released yet still hold their pages."""
+        job = self.exiting.get(tgid)
+        if job is None:
+            job = self.exiting[tgid] = self.volume.reclaim.releasing_owner(tgid, per_step=1)
+        for _ in range(steps):
+            released = next(job, None)
+            if released is None:
+                del self.exiting[tgid]
+                return
+            gone = 0
+            for name, m in self.model.items():
+                held = {
+                    (p.start, p.end, p.tgid): p.count
+                    for p in self.volume.pins(self.inos[name])
+                    if p.tgid == tgid
+                }
+                for key in [key for key in m.pins if key[2] == tgid]:
+                    if key in held:
+                        assert held[key] == m.pins[key][0]
+                    else:
+                        gone += m.pins.pop(key)[0]
+            assert gone == released
+            self.released_by_exit += released
 
     @rule(name=st.sampled_from(NAMES))
     def unlink_and_recreate(self, name: bytes) -> None:
