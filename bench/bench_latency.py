@@ -22,7 +22,8 @@ Operations (default sizes; ``--scale`` multiplies them):
 - ``purge``: purge-all of 200,000 one-page units that hold data (800 MB);
 - ``truncate``: truncate to 0 of a 1 TiB sparse file with 20,000 pages scattered through it;
 - ``readdir``: ``os.listdir`` of a directory of 20,000 entries;
-- ``evict``: a 256 MiB write into a 256 MiB cap full of 65,536 one-page volatile units.
+- ``evict``: a 256 MiB write into a 256 MiB cap full of 65,536 one-page volatile units;
+- ``exit``: SIGKILL of a process holding 100,000 one-page pins, until the stats show none.
 """
 
 from __future__ import annotations
@@ -124,6 +125,46 @@ def scatter(path: Path, pages: int) -> None:
         os.close(fd)
 
 
+PINNER = """
+import os, sys, time
+path, count, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fd = os.open(path, os.O_RDONLY)
+for i in range(count):
+    os.setxattr(fd, "user.vrange.pin", b"%d,%d" % (i * 4096, 4096))
+open(ready, "w").write(str(os.getpid()))
+time.sleep(3600)
+"""
+
+
+def start_pinner(path: Path, pins: int) -> None:
+    """Leave a process holding *pins* one-page pins on *path* (its pid in pinner.pid)."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.ftruncate(fd, pins * PAGE)
+    finally:
+        os.close(fd)
+    ready = path.with_name("pinner.pid")
+    child = subprocess.Popen(
+        [sys.executable, "-c", PINNER, str(path), str(pins), str(ready)],
+        start_new_session=True,
+    )
+    while not ready.exists():
+        if child.poll() is not None:
+            raise RuntimeError(f"the pinner exited with {child.returncode}")
+        time.sleep(0.1)
+
+
+def kill_pinner(path: Path) -> None:
+    """SIGKILL the pinner and return once the daemon has released all its pins."""
+    os.kill(int(path.with_name("pinner.pid").read_text()), signal.SIGKILL)
+    mountpoint = path.parent
+    deadline = time.monotonic() + 600
+    while b"\npins=0\n" not in b"\n" + os.getxattr(mountpoint, STATS):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the pins of a killed process were not released in 600 s")
+        time.sleep(0.001)
+
+
 def make_entries(directory: Path, count: int) -> None:
     directory.mkdir()
     for i in range(count):
@@ -142,6 +183,7 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
     units = int(200_000 * scale)
     scattered = int(20_000 * scale)
     entries = int(20_000 * scale)
+    pins = int(100_000 * scale)
     return {
         "unmark": (
             "1G",
@@ -162,6 +204,11 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
             "1G",
             lambda m: make_entries(m / "dir", entries),
             lambda m: os.listdir(m / "dir"),
+        ),
+        "exit": (
+            f"{max(1024, 2 * pins * PAGE // MiB + 256)}M",  # a user may pin half the cap
+            lambda m: start_pinner(m / "pinned", pins),
+            lambda m: kill_pinner(m / "pinned"),
         ),
         "evict": (
             "272M",  # 256 MiB of units + the prober's 16 MiB
