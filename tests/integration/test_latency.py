@@ -1,0 +1,148 @@
+"""Big requests do not stall the mount: small requests are answered while they run.
+
+While one process runs a big operation (unmark of tens of thousands of units in one call,
+purge-all of as many, the exit of a process holding as many pins), a prober thread reads
+``user.vrange.stats`` on the mount root in a loop: each is a request to the daemon. Done in
+one step, the operation would hold every probe for its whole length; done in slices, probes
+are answered in milliseconds. The bounds are relative to the operation's own duration, so a
+loaded machine slows both alike: at least five probes must complete during the operation
+and none may take more than a quarter of it (nor 0.5 s). The tight figures (p99 <= 20 ms,
+max <= 100 ms at a million units) are bench/bench_latency.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_until
+from tests.integration.conftest import Mount, Mounter
+from tests.integration.vrange_helpers import stats
+
+PAGE = 4096
+UNITS = 40_000
+STATS = "user.vrange.stats"
+WORST_SHARE = 0.25  # of the operation's duration
+WORST_S = 0.5
+
+PINNER = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+for i in range(int(sys.argv[2])):
+    os.setxattr(fd, "user.vrange.pin", b"%d,4096" % (i * 4096))
+print("pinned", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextmanager
+def probing(mountpoint: Path) -> Iterator[list[tuple[float, float]]]:
+    """Probe the daemon from a thread until the block ends: (start, seconds) per probe."""
+    probes: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            start = time.monotonic()
+            os.getxattr(mountpoint, STATS)
+            probes.append((start, time.monotonic() - start))
+            stop.wait(0.001)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    wait_until(lambda: len(probes) >= 3, 30, "the prober answered")
+    try:
+        yield probes
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def check_not_stalled(mount: Mount, operation: Callable[[], object]) -> None:
+    """Run *operation* with a prober beside it; assert the probes were not held up."""
+    with probing(mount.path) as probes:
+        start = time.monotonic()
+        operation()
+        took = time.monotonic() - start
+    during = [seconds for t0, seconds in probes if start <= t0 and t0 + seconds <= start + took]
+    overlapping = [seconds for t0, seconds in probes if t0 < start + took and t0 + seconds > start]
+    worst = max(overlapping, default=0.0)
+    assert len(during) >= 5, f"{len(during)} probes completed during {took:.3f} s"
+    assert worst <= min(WORST_SHARE * took, WORST_S), (
+        f"a probe waited {worst * 1e3:.1f} ms during an operation of {took * 1e3:.0f} ms"
+        f" ({len(during)} probes)"
+    )
+
+
+def mark_units(path: Path, units: int, stride: int) -> None:
+    """One-page volatile units on every *stride*-th page of *path*."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i in range(units):
+            os.setxattr(fd, "user.vrange.volatile", b"%d,%d" % (stride * i * PAGE, PAGE))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def mount(mounter: Mounter) -> Mount:
+    return mounter.mount("512M", args=["--metadata-cap", "256M"])
+
+
+@pytest.mark.timeout(300)
+def test_unmark_of_many_units_in_one_call(mount: Mount) -> None:
+    f = mount.path / "units"
+    with open(f, "wb") as out:
+        out.truncate(2 * UNITS * PAGE)
+    mark_units(f, UNITS, stride=2)
+    assert stats(mount.path)["volatile_units"] == UNITS
+    check_not_stalled(mount, lambda: os.setxattr(f, "user.vrange.nonvolatile", b"0,0"))
+    assert stats(mount.path)["volatile_units"] == 0
+    assert os.getxattr(f, "user.vrange.volatile") == b""
+
+
+@pytest.mark.timeout(300)
+def test_purge_all_of_many_units(mount: Mount) -> None:
+    f = mount.path / "units"
+    units = UNITS // 2  # with data: 80 MiB
+    f.write_bytes(b"\x5a" * (units * PAGE))
+    mark_units(f, units, stride=1)
+    check_not_stalled(mount, lambda: os.setxattr(mount.path, "user.vrange.purge", b"all"))
+    assert os.getxattr(f, "user.vrange.purged") == b"0,%d\n" % (units * PAGE)
+    assert stats(mount.path)["resident_bytes"] < units * PAGE // 4
+
+
+@pytest.mark.timeout(300)
+def test_exit_of_a_process_holding_many_pins(mount: Mount) -> None:
+    f = mount.path / "pinned"
+    pins = UNITS
+    with open(f, "wb") as out:
+        out.truncate(pins * PAGE)
+    with subprocess.Popen(
+        [sys.executable, "-c", PINNER, str(f), str(pins)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as pinner:
+        try:
+            assert pinner.stdout is not None
+            assert pinner.stdout.readline() == b"pinned\n"
+            assert stats(mount.path)["pins"] == pins
+
+            def kill_and_wait() -> None:
+                pinner.send_signal(signal.SIGKILL)
+                pinner.wait()
+                wait_until(lambda: stats(mount.path)["pins"] == 0, 60, "the pins released")
+
+            check_not_stalled(mount, kill_and_wait)
+        finally:
+            pinner.kill()
+    assert stats(mount.path)["pins_released_by_exit"] == pins
