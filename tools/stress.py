@@ -12,8 +12,11 @@ with ``--memory-cap``) and always unmounts it, on success, failure or Ctrl-C; it
 is checked for errors. Otherwise the run works in a new directory ``stress-PID`` under
 MOUNTPOINT and removes it at the end. The seed is printed first; ``--seed`` repeats a run's
 choices (not its timing: the processes race each other for real). ``--json FILE`` writes the
-summary as JSON as well. Exit status: 0 if no corruption and no unexpected error, 1 otherwise,
-2 for bad arguments.
+summary as JSON as well. The summary ends with the daemon's RSS and open descriptors at the
+start and at the end (once the run's files are freed), for spotting leaks over long runs, and its
+peak RSS, which must stay within memory cap + metadata cap + 64 MiB (an unexpected error
+otherwise). Exit status: 0 if no corruption and no unexpected error, 1 otherwise, 2 for bad
+arguments.
 
 What it does. ``--procs`` worker processes run for ``--seconds`` seconds. Each worker *owns*
 its own directory and the files in it (``--files`` is the total, shared out among the owners):
@@ -133,6 +136,7 @@ PURGE = "user.vrange.purge"
 
 MOUNT_TIMEOUT = 60.0
 HANG_SECONDS = 120.0
+RSS_SLACK = 64 << 20  # the daemon may hold this much beyond its memory and metadata caps
 PR_SET_PDEATHSIG = 1
 HOT_PERIOD = 2.0  # seconds a hot file stays hot for the hostile mix
 VICTIM_SHARE = {"waiter": 0.5, "reader": 0.8}  # the share of picks that go to a victim
@@ -297,6 +301,30 @@ def process_memory(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def open_descriptors(pid: int) -> int | None:
+    """How many descriptors a process has open (None if it is gone or not ours to see)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def daemon_memory(
+    pid: int, stats: dict[str, int], rss0: int, fds0: int | None
+) -> dict[str, int | None]:
+    """The daemon's RSS and descriptors now against the run's start, its peak RSS and the
+    bound the contract sets on it: memory cap + metadata cap + 64 MiB."""
+    memory = process_memory(pid)
+    return {
+        "rss_start": rss0,
+        "rss_end": memory.get("VmRSS"),
+        "rss_peak": memory.get("VmHWM"),
+        "rss_limit": stats.get("memory_cap", 0) + stats.get("metadata_cap", 0) + RSS_SLACK,
+        "fds_start": fds0,
+        "fds_end": open_descriptors(pid),
+    }
 
 
 def _mounted(path: Path) -> bool:
@@ -1910,6 +1938,8 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
     """Run the workers (and the hostile mix); print the summary; return the exit status."""
     stats0 = read_stats(cfg.mountpoint)
     daemon = stats0.get("pid")
+    rss0 = process_memory(daemon).get("VmRSS", 0) if daemon else 0
+    fds0 = open_descriptors(daemon) if daemon else None
     cfg.parent = os.getpid()
     if cfg.hostile:
         os.umask(0o022)  # the owners' files must be readable by the second user
@@ -2083,12 +2113,19 @@ def run(cfg: Config, json_path: Path | None = None) -> int:
 
     shutil.rmtree(cfg.root, ignore_errors=True)
     try:
-        stats = read_stats(cfg.mountpoint)
+        stats = settled_stats(cfg.mountpoint, stats0)
     except OSError as e:
         stats = {}
         total_report.unexpected_count += 1
         total_report.unexpected.append(f"the statistics are unreadable at the end: {e!r}")
-    memory = process_memory(daemon) if daemon else {}
+    memory = daemon_memory(daemon, stats, rss0, fds0) if daemon and stats else {}
+    peak, limit = memory.get("rss_peak"), memory.get("rss_limit")
+    if peak is not None and limit is not None and peak > limit:
+        total_report.unexpected_count += 1
+        total_report.unexpected.append(
+            f"the daemon's peak RSS {format_bytes(peak)} passed memory cap + metadata cap"
+            f" + 64 MiB = {format_bytes(limit)}"
+        )
     probe: dict[str, Any] = {}
     if watchdog is not None:
         watchdog.stop()
@@ -2153,7 +2190,7 @@ def print_summary(
     duration: float,
     stats0: dict[str, int],
     stats: dict[str, int],
-    memory: dict[str, int],
+    memory: dict[str, int | None],
     failed: bool,
     hostile_lines: Sequence[str] = (),
 ) -> None:
@@ -2178,16 +2215,42 @@ def print_summary(
     for text in report.corruptions:
         print("  " + text.replace("\n", "\n  "))
     if memory:
-        print(
-            f"daemon pid {stats.get('pid')}: RSS {format_bytes(memory.get('VmRSS', 0))}, "
-            f"peak {format_bytes(memory.get('VmHWM', 0))}"
-        )
+        print(memory_line(stats.get("pid", 0), memory))
     delta = {k: v - stats0.get(k, 0) for k, v in stats.items() if k != "pid"}
     print("mount statistics (change during the run):")
     for key in sorted(stats):
         if key != "pid":
             print(f"  {key:<28} {stats[key]:>14}  ({delta[key]:+d})")
     print(f"result: {'FAIL' if failed else 'OK'} (seed {cfg.seed})")
+
+
+def memory_line(pid: int, memory: dict[str, int | None]) -> str:
+    """The summary's line on the daemon's memory and descriptors, start against end."""
+
+    def size(key: str) -> str:
+        value = memory.get(key)
+        return "?" if value is None else format_bytes(value)
+
+    start, end = memory.get("rss_start"), memory.get("rss_end")
+    change = "" if not start or end is None else f" ({format_bytes(end - start)} more)"
+    return (
+        f"daemon pid {pid}: RSS at start {size('rss_start')}, at end {size('rss_end')}{change},"
+        f" peak {size('rss_peak')} (limit: memory cap + metadata cap + 64 MiB ="
+        f" {size('rss_limit')}); open descriptors at start {memory.get('fds_start')},"
+        f" at end {memory.get('fds_end')}"
+    )
+
+
+def settled_stats(mountpoint: Path, stats0: dict[str, int], wait: float = 10.0) -> dict[str, int]:
+    """The statistics once the run's files are freed (the kernel forgets unlinked inodes
+    soon after the last close), or after *wait* seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        stats = read_stats(mountpoint)
+        freed = stats.get("resident_bytes", 0) <= stats0.get("resident_bytes", 0)
+        if freed or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
 
 
 def parse_size(text: str) -> int:

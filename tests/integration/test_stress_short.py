@@ -45,6 +45,9 @@ def test_stress_short(mounter: Mounter, tmp_path: Path) -> None:
     assert report["corruptions"] == 0, output
     assert report["unexpected"] == 0, output
     assert report["ok"], output
+    memory = report["daemon_memory"]
+    assert memory["rss_peak"] <= memory["rss_limit"], output  # the cap + metadata cap + 64 MiB
+    assert memory["fds_end"] == memory["fds_start"], output
     ops = report["ops"]
     assert sum(ops.values()) >= 200, output
     assert ops.get("write", 0) and ops.get("nonvolatile", 0) and ops.get("foreign_read", 0)
