@@ -92,14 +92,14 @@ def _purging_all(volume: Volume) -> Job:
     log.info("purge all: %d units purged or files evicted", units)
 
 
-def _set_cache_dir(volume: Volume, ino: int, value: bytes) -> None:
+def _set_cache_dir(volume: Volume, ino: int, value: bytes) -> Job:
     _directory_only(volume, ino)
     try:
         on = protocol.parse_flag(value)
     except protocol.XattrValueError as e:
         log.warning("inode %d: %s", ino, e)
         raise FsError(e.errno, str(e)) from None
-    volume.set_cache_dir(ino, on)
+    return volume.setting_cache_dir(ino, on)
 
 
 def _get_cache_dir(volume: Volume, ino: int) -> bytes:

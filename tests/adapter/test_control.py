@@ -17,10 +17,12 @@ import stat
 
 import pyfuse3
 import pytest
+import trio
 
 from tests.adapter.harness import ROOT, File, Fs, errno_of, page, run, serving
 from vrangefs.pagestore import PAGE_SIZE
 from vrangefs.protocol import (
+    CACHE_DIR_B,
     NONVOLATILE_B,
     PURGE_B,
     PURGED_B,
@@ -28,6 +30,7 @@ from vrangefs.protocol import (
     VOLATILE_B,
     parse_stats,
 )
+from vrangefs.volume import Caller
 
 P = PAGE_SIZE
 UNKNOWN = b"user.vrange.nope"
@@ -261,4 +264,39 @@ def test_the_names_are_virtual() -> None:
         b"0,8292\n",
         {b"user.note": b"kept", b"user.vrangefoo": b"a plain name"},
     ]
+    fs.volume.check_invariants()
+
+
+def test_a_directory_of_thousands_joins_the_cache_between_other_requests() -> None:
+    """Making a big directory a cache directory, and ordinary again, is a job of small
+    steps: requests made meanwhile see some of its files evictable and some not yet."""
+    count = 5000
+    fs = Fs(cap_pages=2 * count)
+    caller = Caller(0, 0)
+
+    async def body() -> list[int]:
+        seen: list[int] = []
+        async with serving(fs) as nursery:
+            d = await fs.ops.mkdir(ROOT, b"d", 0o755, fs.ctx)
+            for i in range(count):
+                f = fs.volume.create(d.st_ino, b"f%d" % i, stat.S_IFREG | 0o644, caller)
+                fs.volume.write(f.ino, 0, b"x")
+                fs.volume.release(f.ino)
+            for flag, final in ((b"1", count), (b"0", 0)):
+                done = trio.Event()
+
+                async def change(flag: bytes = flag, done: trio.Event = done) -> None:
+                    await fs.ops.setxattr(d.st_ino, CACHE_DIR_B, flag, fs.ctx)
+                    done.set()
+
+                nursery.start_soon(change)
+                with trio.fail_after(10):
+                    while not done.is_set():
+                        seen.append(int((await fs.stats())["cache_dir_files"]))
+                        await trio.sleep(0)
+                assert (await fs.stats())["cache_dir_files"] == final
+        return seen
+
+    seen = run(body)
+    assert any(0 < files < count for files in seen), seen
     fs.volume.check_invariants()
