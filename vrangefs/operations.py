@@ -322,7 +322,9 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
-        return self.attributes(self.volume.setattr(inode, change))
+        node, job = self.volume.setattr_job(inode, change)
+        await self._run(job, set())  # a truncate of a file of many chunks or units
+        return self.attributes(node)
 
     @_handler
     async def readlink(

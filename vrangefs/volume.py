@@ -24,6 +24,7 @@ from vrangefs.budget import MetadataBudget, MetadataFullError
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO, Directory, Inode, InodeTable, now_ns
 from vrangefs.pagestore import (
+    CHUNKS_PER_STEP,
     PAGE_SIZE,
     FileData,
     NoSpaceError,
@@ -150,7 +151,7 @@ class Volume:
     # -- reaping -------------------------------------------------------------------
     def reaping(self) -> Iterator[None]:
         """A job that releases the pins of exited processes and frees the dead inodes
-        with many volatile units, slice by slice.
+        with many volatile units or page-table chunks, slice by slice.
 
         An exited process's remaining pins hold their pages meanwhile (a new process
         with its pid waits, see :meth:`releasing`). A dead inode's units stay
@@ -170,6 +171,8 @@ class Volume:
             data, root = inode.data, inode.vroot
             if data is not None and root is not None and len(root):
                 yield from self._unmarking(inode, data, 0, root.last_page())
+            if data is not None and inode.data is data:
+                yield from self.truncating(inode, 0)
             inode.reaping = False
             self._release_if_dead(inode)
             yield
@@ -232,8 +235,11 @@ class Volume:
         """
         if inode.alive or inode.ino == ROOT_INO:
             return
-        if inode.vroot is not None and len(inode.vroot) > UNITS_PER_SLICE:
-            # Dropping many units is long: done in slices by the reaper, then freed here.
+        if (inode.vroot is not None and len(inode.vroot) > UNITS_PER_SLICE) or (
+            inode.data is not None and inode.data.chunk_count > CHUNKS_PER_STEP
+        ):
+            # Dropping many units or chunks is long: done in slices by the reaper, then
+            # freed here.
             inode.reaping = True
             self._reap_queue.append(inode)
             if self.on_reap is not None:
@@ -434,15 +440,23 @@ class Volume:
 
     # -- attributes -----------------------------------------------------------
     def setattr(self, ino: int, change: AttrChange) -> Inode:
+        inode, job = self.setattr_job(ino, change)
+        for _ in job:
+            pass
+        return inode
+
+    def setattr_job(self, ino: int, change: AttrChange) -> tuple[Inode, Iterator[None]]:
+        """:meth:`setattr`, with a truncate's freeing returned as a job (see
+        :meth:`truncating`); everything else is done when this returns."""
         inode = self.inode(ino)
         t = now_ns()
+        job: Iterator[None] = iter(())
         if change.size is not None:
             if inode.data is None:
                 raise FsError(errno.EISDIR if inode.is_dir else errno.EINVAL)
             if change.size < 0:
                 raise FsError(errno.EINVAL)
-            self.truncate(inode, change.size)
-            self.reclaim.cache_changed(inode.ino, inode.data)
+            job = self.truncating(inode, change.size)
             inode.mtime_ns = t
         if change.mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | (change.mode & 0o7777)
@@ -455,14 +469,29 @@ class Volume:
         if change.mtime_ns is not None:
             inode.mtime_ns = change.mtime_ns
         inode.ctime_ns = t
-        return inode
+        return inode, job
 
     def truncate(self, inode: Inode, size: int) -> None:
+        for _ in self.truncating(inode, size):
+            pass
+
+    def truncating(self, inode: Inode, size: int) -> Iterator[None]:
+        """Truncate as a job: the units past the new end go UNITS_PER_SLICE per step,
+        then the data (:meth:`FileData.truncating`: the size changes then, the chunks
+        past it go a few per step). A file freed or evicted meanwhile ends the job.
+        """
         data = inode.data
         assert data is not None
+        keep = pages_spanned(size)
+        if inode.vroot is not None and size < data.size and inode.vroot.last_page() > keep:
+            yield from self._unmarking(inode, data, keep, inode.vroot.last_page())
+        if inode.data is not data:
+            return
         if inode.vroot is not None:  # count the cut pages while they are still resident
-            self.reclaim.truncate(inode.vroot, data, pages_spanned(size))
-        data.truncate(size)
+            self.reclaim.truncate(inode.vroot, data, keep)
+        yield from data.truncating(size)
+        if inode.data is data:
+            self.reclaim.cache_changed(inode.ino, data)
 
     # -- data -----------------------------------------------------------------
     def open(self, ino: int, flags: int = 0) -> Inode:

@@ -1,7 +1,8 @@
 """Big requests do not stall the mount: small requests are answered while they run.
 
 While one process runs a big operation (unmark of tens of thousands of units in one call,
-purge-all of as many, the exit of a process holding as many pins), a prober thread reads
+purge-all of as many, the exit of a process holding as many pins, a truncate or rm of a
+sparse file of as many chunks), a prober thread reads
 ``user.vrange.stats`` on the mount root in a loop: each is a request to the daemon. Done in
 one step, the operation would hold every probe for its whole length; done in slices, probes
 are answered in milliseconds. The bounds are relative to the operation's own duration, so a
@@ -13,6 +14,7 @@ max <= 100 ms at a million units) are bench/bench_latency.py's.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -30,6 +32,8 @@ from tests.integration.vrange_helpers import stats
 
 PAGE = 4096
 UNITS = 40_000
+SCATTERED = 16_000  # pages of a sparse file, each in a page-table chunk of its own
+TIB = 1 << 40
 STATS = "user.vrange.stats"
 WORST_SHARE = 0.25  # of the operation's duration
 WORST_S = 0.5
@@ -146,3 +150,32 @@ def test_exit_of_a_process_holding_many_pins(mount: Mount) -> None:
         finally:
             pinner.kill()
     assert stats(mount.path)["pins_released_by_exit"] == pins
+
+
+def scatter(path: Path, pages: int) -> None:
+    """A 1 TiB sparse file with *pages* pages written at random places (a chunk each)."""
+    rng = random.Random(7)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.ftruncate(fd, TIB)
+        for _ in range(pages):
+            os.pwrite(fd, b"\x33" * PAGE, rng.randrange(TIB // PAGE) * PAGE)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(300)
+def test_truncate_and_rm_of_a_sparse_file_of_many_chunks(mount: Mount) -> None:
+    f = mount.path / "sparse"
+    scatter(f, SCATTERED)
+    resident = stats(mount.path)["resident_bytes"]
+    assert resident >= SCATTERED * PAGE * 0.99  # a few pages may share a place
+    check_not_stalled(mount, lambda: os.truncate(f, PAGE))
+    assert f.stat().st_size == PAGE and stats(mount.path)["resident_bytes"] <= PAGE
+    scatter(f, SCATTERED)
+
+    def rm_and_wait() -> None:
+        f.unlink()  # the data goes when the kernel forgets the inode: the reaper frees it
+        wait_until(lambda: stats(mount.path)["resident_bytes"] == 0, 60, "the data freed")
+
+    check_not_stalled(mount, rm_and_wait)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from vrangefs.pagestore import (
     CHUNK_PAGES,
+    CHUNKS_PER_STEP,
     HOLE,
     PAGE_SIZE,
     PURGED,
@@ -379,3 +380,37 @@ def _runs(pages: set[int]) -> list[tuple[int, int]]:
         else:
             out.append((p, 1))
     return out
+
+
+def test_a_truncate_of_many_chunks_is_a_job_of_small_steps(store: PageStore) -> None:
+    """The new size holds from the first step; the chunks past it go a few per step;
+    the pages kept, the zeroed tail and the counts end as a one-step truncate leaves them."""
+    f = FileData(store)
+    chunks = 3 * CHUNKS_PER_STEP + 5
+    kept = pattern(PAGE_SIZE + 10)
+    f.write(0, kept)
+    for ci in range(1, chunks + 1):  # one page in each chunk, a sparse file
+        f.write(ci * CHUNK + PAGE_SIZE, b"\x77" * PAGE_SIZE)
+    job = f.truncating(PAGE_SIZE + 5)
+    next(job)
+    assert f.size == PAGE_SIZE + 5
+    left = [f.chunk_count]
+    for _ in job:
+        left.append(f.chunk_count)
+    assert left[0] < chunks + 1 and len(left) == 4  # 64 chunks per step
+    assert left[-1] == 1 and f.resident_pages == store.used_pages == 2
+    assert bytes(f.read(0, PAGE_SIZE + 5)) == kept[: PAGE_SIZE + 5]
+    f.truncate(2 * PAGE_SIZE)
+    assert bytes(f.read(PAGE_SIZE + 5, PAGE_SIZE - 5)) == bytes(PAGE_SIZE - 5)  # zeroed tail
+    f.check_invariants()
+
+
+def test_a_file_freed_during_a_truncate_job_ends_it(store: PageStore) -> None:
+    f = FileData(store)
+    for ci in range(2 * CHUNKS_PER_STEP):
+        f.write(ci * CHUNK, b"\x01" * PAGE_SIZE)
+    job = f.truncating(0)
+    next(job)
+    f.free()
+    assert list(job) == [None]  # its last step finds nothing left to free
+    assert f.resident_pages == store.used_pages == 0
