@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from vrangefs import protocol
+from vrangefs.collector import collector
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO, Inode
 from vrangefs.protocol import PAGE_SIZE, PurgeCause
@@ -235,6 +236,7 @@ def stats(volume: Volume) -> dict[str, int | str]:
         metadata_bytes=volume.budget.used,
         metadata_cap=volume.budget.cap,
     )
+    out.update(collector.statistics())
     if volume.reclaim.observer is not None:  # the event stream's socket and counters
         out.update(volume.reclaim.observer.statistics())
     return out

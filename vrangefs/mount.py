@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from vrangefs import mountinfo, pressure, sdnotify
+from vrangefs.collector import collector
 from vrangefs.config import MountConfig
 from vrangefs.memory import MemoryProbe
 from vrangefs.operations import Operations
@@ -166,6 +167,7 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         config.memory_cap,
     )
     ready(None)
+    collector.install()
     try:
         trio.run(_serve, ops, config)
     except BaseException:

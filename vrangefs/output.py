@@ -22,6 +22,7 @@ _COUNTERS = (
 _PLAIN_COUNTERS = {
     "pins_released_by_exit": "pins dropped because their process exited",
     "events_dropped": "events the event stream's subscribers lost by reading too slowly",
+    "gc_full_collections": "full runs of the daemon's garbage collector",
 }
 
 
