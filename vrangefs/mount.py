@@ -166,6 +166,11 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         os.getpid(),
         config.memory_cap,
     )
+    fuse_fd = _fuse_device()
+    if fuse_fd is not None:
+        ops.watch_requests(fuse_fd)
+    else:
+        log.warning("no /dev/fuse descriptor found: big requests yield every 1 ms only")
     ready(None)
     collector.install()
     try:
@@ -178,6 +183,17 @@ def run(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     pyfuse3.close(unmount=True)
     log.info("unmounted %s", config.mountpoint)
     return 0
+
+
+def _fuse_device() -> int | None:
+    """Our descriptor of /dev/fuse, which pyfuse3 opened and does not tell."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                return int(name)
+        except OSError:
+            continue
+    return None
 
 
 def _raise_fd_limit() -> None:

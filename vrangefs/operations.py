@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -152,6 +153,7 @@ class Operations(pyfuse3.Operations):
         volume.reclaim.listener = self.invalidator
         self.events = EventHub(volume.path_of)  # `vrangefs events`; served by mount.py
         volume.reclaim.observer = self.events
+        self._incoming: select.poll | None = None  # see watch_requests
         self._reap_wanted = trio.Event()
         self._reaped = trio.Event()  # set (and replaced) each time the reaper is done
         volume.on_reap = self._wake_reaper
@@ -548,16 +550,31 @@ class Operations(pyfuse3.Operations):
         finally:  # a purge returns once no stale page is left, failed or not
             await self.invalidator.settle(purged)
 
+    def watch_requests(self, fuse_fd: int) -> None:
+        """Let big jobs see requests waiting on the FUSE device (descriptor *fuse_fd*)."""
+        self._incoming = select.poll()
+        self._incoming.register(fuse_fd, select.POLLIN)
+
+    def _others_waiting(self) -> bool:
+        """Whether a request waits to be read from the kernel, or another task to run."""
+        if self._incoming is not None and self._incoming.poll(0):
+            return True
+        return trio.lowlevel.current_statistics().tasks_runnable > 0
+
     async def _run(self, job: control.Job, purged: set[int]) -> None:
-        """Run a big request's job in slices of about SLICE_SECONDS, letting other requests
-        in between; *purged* collects the inodes its steps purged."""
+        """Run a big request's job in slices of at most SLICE_SECONDS, letting other
+        requests in between; *purged* collects the inodes its steps purged.
+
+        A slice ends early, after any step, once another request is waiting: a job
+        alone goes at full speed, and a request waits for one step, not one slice.
+        """
         done = False
         while not done:
             deadline = time.monotonic() + SLICE_SECONDS
             with self.invalidator.recording() as recorded:
                 done = True
                 for _ in job:
-                    if time.monotonic() >= deadline:
+                    if time.monotonic() >= deadline or self._others_waiting():
                         done = False
                         break
             purged |= recorded
