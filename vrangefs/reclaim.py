@@ -201,17 +201,17 @@ class Reclaim:
     def mark_volatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
         found = root.units_overlapping(start, end)
         self._uncount(data, found)
-        unit = root.mark_volatile(start, end)  # queued, neither purged nor pinned
+        # Neither purged nor pinned, and not queued yet: queued below if it may be purged.
+        unit = root.mark_volatile(start, end, found, queue=False)
         self.units += 1 - len(found)
         resident = data.resident_in(unit.start, unit.end)
         if self.pins.covers(root.ino, unit.start, unit.end):
-            self.order.discard(unit)
             unit.pinned = True
             self.pinned_pages += resident
             return
         self.volatile_pages += resident
-        if not resident:
-            self.order.discard(unit)  # nothing to free: it waits for a write
+        if resident:  # else nothing to free: a write queues it
+            self.order.add(unit)
 
     def mark_nonvolatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
         units = len(root)

@@ -3,11 +3,17 @@
 Pure bookkeeping in page numbers: no FUSE, no page data. This is the only module that imports
 intervaltree.
 
-A *purge unit* is a run of pages [start, end) of one inode that is purged as a whole. A
-root's ``tree`` holds ``Interval(start, end, unit)`` for each of its units; intervals never
-overlap (two units may be adjacent). The ``PurgeOrder`` lists the units that can free memory,
-least recently marked first: units that are not purged and (the reclaim module sees to that)
-hold resident pages. Reclaim purges from its head.
+A *purge unit* is a run of pages [start, end) of one inode that is purged as a whole. Units
+of one inode never overlap (two may be adjacent). The ``PurgeOrder`` lists the units that can
+free memory, least recently marked first: units that are not purged and (the reclaim module
+sees to that) hold resident pages. Reclaim purges from its head.
+
+Pay only for what is used: a mark is one small object and a few pointers. A root keeps its
+units in one sorted index by start page, which answers every query the daemon makes; its
+interval tree (``VrangeRoot.tree``, an ``intervaltree.IntervalTree`` of
+``Interval(start, end, unit)``) is built from that index when something asks for it and
+dropped at the next change, because keeping a tree node set per unit up to date cost about
+two thirds of a unit's memory and most of a mark's time, for queries nobody made.
 
 Concurrency: everything here is synchronous and the daemon never awaits between reading a root
 and changing it, so marking, unmarking, truncating and purging are each atomic and need no
@@ -23,13 +29,16 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from typing import Any
 
 from intervaltree import Interval, IntervalTree
 
 _COMPACT_MIN = 64
+_LOAD = 512  # a root's index splits a chunk past 2 * _LOAD units, merges one of _LOAD // 2
+_start_of = operator.attrgetter("start")
 
 
 class PurgeUnit:
@@ -61,7 +70,7 @@ class PurgeUnit:
         self.seq = seq
         self.purged = purged
         self.pinned = pinned
-        self._entry: tuple[int, int, int, PurgeUnit] | None = None  # live PurgeOrder entry
+        self._entry: Entry | None = None  # its live PurgeOrder entry
 
     def __len__(self) -> int:
         """The number of pages."""
@@ -70,6 +79,14 @@ class PurgeUnit:
     def __repr__(self) -> str:
         state = (" purged" if self.purged else "") + (" pinned" if self.pinned else "")
         return f"<PurgeUnit ino={self.ino} pages=[{self.start},{self.end}) seq={self.seq}{state}>"
+
+
+Entry = tuple[int, int, PurgeUnit]
+"""A PurgeOrder heap entry: (seq, start, unit).
+
+No two distinct units share (seq, start) (seqs are unique per mark and the pieces of a split
+unit are disjoint), and tuples compare equal items by identity first, so units themselves are
+never compared."""
 
 
 class CacheFile(PurgeUnit):
@@ -107,10 +124,9 @@ class PurgeOrder:
     """
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, int, PurgeUnit]] = []
+        self._heap: list[Entry] = []
         self._live = 0
         self._last_seq = 0
-        self._tick = itertools.count()
 
     def next_seq(self) -> int:
         """A new sequence number, larger than all before: the monotonic clock in ns.
@@ -133,7 +149,7 @@ class PurgeOrder:
 
     def __iter__(self) -> Iterator[PurgeUnit]:
         """The units, oldest first (sorts a copy: O(n log n), for tests and debugging)."""
-        return iter([entry[3] for entry in sorted(self._live_entries())])
+        return iter([entry[2] for entry in sorted(self._live_entries())])
 
     def add(self, unit: PurgeUnit) -> None:
         """Add a unit that is not purged and not in the order, at (unit.seq, unit.start)."""
@@ -141,7 +157,7 @@ class PurgeOrder:
             raise ValueError(f"{unit!r} is already in the purge order")
         if unit.purged or unit.pinned:
             raise ValueError(f"{unit!r} is purged or pinned: it cannot be purged")
-        entry = (unit.seq, unit.start, next(self._tick), unit)
+        entry = (unit.seq, unit.start, unit)
         unit._entry = entry
         heapq.heappush(self._heap, entry)
         self._live += 1
@@ -160,94 +176,228 @@ class PurgeOrder:
     def oldest(self) -> PurgeUnit | None:
         """The least recently marked unit, or None if there is none."""
         heap = self._heap
-        while heap and heap[0][3]._entry is not heap[0]:
+        while heap and heap[0][2]._entry is not heap[0]:
             heapq.heappop(heap)
-        return heap[0][3] if heap else None
+        return heap[0][2] if heap else None
 
-    def _live_entries(self) -> list[tuple[int, int, int, PurgeUnit]]:
-        return [entry for entry in self._heap if entry[3]._entry is entry]
+    def _live_entries(self) -> list[Entry]:
+        return [entry for entry in self._heap if entry[2]._entry is entry]
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the order's bookkeeping is inconsistent."""
         live = self._live_entries()
         _check(len(live) == self._live, f"{len(live)} live entries, counted {self._live}")
-        for seq, start, _, unit in live:
+        for seq, start, unit in live:
             _check(not unit.purged, f"purged {unit!r} is in the purge order")
             _check(not unit.pinned, f"pinned {unit!r} is in the purge order")
             _check((seq, start) == (unit.seq, unit.start), f"stale key for {unit!r}")
+        holders: dict[tuple[int, int], PurgeUnit] = {}
+        for seq, start, unit in self._heap:  # stale entries too: the heap compares them all
+            held = holders.setdefault((seq, start), unit)
+            _check(held is unit, f"{unit!r} and {held!r} share the key {(seq, start)}")
         for i in range(1, len(self._heap)):
             _check(self._heap[(i - 1) // 2] <= self._heap[i], "heap order broken")
 
 
-class VrangeRoot:
-    """The volatile ranges of one inode: an interval tree of purge units.
+class _UnitIndex:
+    """A root's units sorted by start page (units are disjoint: starts are unique).
 
-    Page arguments are half-open [start, end) page numbers with 0 <= start < end. Purged
-    units stay in the tree (the file's volatile ranges include them) until they are marked
-    non-volatile, truncated away or cleared.
-
-    Units are indexed by start page as well (``_starts``), and lookups use the tree's own
-    sorted boundary table: that is several times faster than ``IntervalTree.overlap``.
+    Chunks of up to 2 * _LOAD units, found by bisecting the chunks' first start pages:
+    a lookup is two bisections, an insertion or removal moves at most one chunk. About one
+    pointer per unit, where a dict and a sorted table of boundaries cost over a hundred bytes.
     """
 
-    __slots__ = ("_pages", "_starts", "ino", "order", "tree")
+    __slots__ = ("_chunks", "_firsts", "_len")
+
+    def __init__(self) -> None:
+        self._chunks: list[list[PurgeUnit]] = []
+        self._firsts: list[int] = []  # the start page of each chunk's first unit
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[PurgeUnit]:
+        return itertools.chain.from_iterable(self._chunks)
+
+    def last(self) -> PurgeUnit | None:
+        return self._chunks[-1][-1] if self._chunks else None
+
+    def at_or_before(self, page: int) -> PurgeUnit | None:
+        """The unit with the largest start <= page, or None."""
+        i = bisect_right(self._firsts, page) - 1
+        if i < 0:
+            return None
+        chunk = self._chunks[i]
+        return chunk[bisect_right(chunk, page, key=_start_of) - 1]
+
+    def overlapping(self, start: int, end: int) -> list[PurgeUnit]:
+        """The units sharing a page with [start, end), by start page."""
+        chunks = self._chunks
+        i = bisect_right(self._firsts, start) - 1
+        found = []
+        if i < 0:
+            i = j = 0
+        else:
+            chunk = chunks[i]
+            j = bisect_right(chunk, start, key=_start_of)
+            if chunk[j - 1].end > start:
+                found.append(chunk[j - 1])
+        while i < len(chunks):
+            chunk = chunks[i]
+            for k in range(j, len(chunk)):
+                unit = chunk[k]
+                if unit.start >= end:
+                    return found
+                found.append(unit)
+            i += 1
+            j = 0
+        return found
+
+    def starting_in(self, start: int, end: int) -> Iterator[PurgeUnit]:
+        """The units whose start page lies in (start, end), by start page, lazily.
+
+        The index must not change while this is iterated.
+        """
+        chunks = self._chunks
+        i = bisect_right(self._firsts, start) - 1
+        j = 0 if i < 0 else bisect_right(chunks[i], start, key=_start_of)
+        for chunk in itertools.islice(chunks, max(i, 0), None):
+            for unit in itertools.islice(chunk, j, None):
+                if unit.start >= end:
+                    return
+                yield unit
+            j = 0
+
+    def insert(self, unit: PurgeUnit) -> None:
+        start = unit.start
+        firsts = self._firsts
+        self._len += 1
+        if not firsts:
+            self._chunks.append([unit])
+            firsts.append(start)
+            return
+        i = max(bisect_right(firsts, start) - 1, 0)
+        chunk = self._chunks[i]
+        j = bisect_right(chunk, start, key=_start_of)
+        chunk.insert(j, unit)
+        if j == 0:
+            firsts[i] = start
+        if len(chunk) > 2 * _LOAD:
+            self._split(i)
+
+    def remove(self, unit: PurgeUnit) -> None:
+        chunks, firsts = self._chunks, self._firsts
+        i = bisect_right(firsts, unit.start) - 1
+        chunk = chunks[i] if i >= 0 else []
+        j = bisect_left(chunk, unit.start, key=_start_of)
+        if j == len(chunk) or chunk[j] is not unit:
+            raise ValueError(f"{unit!r} is not in the index")
+        del chunk[j]
+        self._len -= 1
+        if not chunk:
+            del chunks[i], firsts[i]
+            return
+        if j == 0:
+            firsts[i] = chunk[0].start
+        if len(chunk) <= _LOAD // 2 and len(chunks) > 1:  # merge it into a neighbour
+            i = min(i, len(chunks) - 2)
+            chunks[i] += chunks[i + 1]
+            del chunks[i + 1], firsts[i + 1]
+            if len(chunks[i]) > 2 * _LOAD:
+                self._split(i)
+
+    def _split(self, i: int) -> None:
+        chunk = self._chunks[i]
+        self._chunks.insert(i + 1, chunk[_LOAD:])
+        del chunk[_LOAD:]
+        self._firsts.insert(i + 1, self._chunks[i + 1][0].start)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._firsts.clear()
+        self._len = 0
+
+    def check_invariants(self) -> None:
+        _check(sum(map(len, self._chunks)) == self._len, "index length miscounted")
+        _check(len(self._firsts) == len(self._chunks), "index chunk table out of step")
+        for first, chunk in zip(self._firsts, self._chunks, strict=True):
+            _check(0 < len(chunk) <= 2 * _LOAD, f"index chunk of {len(chunk)} units")
+            _check(first == chunk[0].start, "index chunk table out of date")
+        starts = [unit.start for unit in self]
+        _check(starts == sorted(set(starts)), "index not sorted by start page")
+
+
+class VrangeRoot:
+    """The volatile ranges of one inode: its purge units, an interval tree when asked.
+
+    Page arguments are half-open [start, end) page numbers with 0 <= start < end. Purged
+    units stay (the file's volatile ranges include them) until they are marked
+    non-volatile, truncated away or cleared.
+
+    The units live in an index sorted by start page (see the module docstring): every
+    query here is a bisection or two. :attr:`tree` builds the contract's interval tree
+    from it on demand.
+    """
+
+    __slots__ = ("_index", "_pages", "_tree", "ino", "order")
 
     def __init__(self, ino: int, order: PurgeOrder) -> None:
         self.ino = ino
         self.order = order
-        self.tree = IntervalTree()
-        self._starts: dict[int, PurgeUnit] = {}
+        self._index = _UnitIndex()
+        self._tree: IntervalTree | None = None
         self._pages = 0
 
     def __len__(self) -> int:
         """The number of units (purged ones included)."""
-        return len(self._starts)
+        return len(self._index)
 
     def __repr__(self) -> str:
         return f"<VrangeRoot ino={self.ino} units={len(self)} pages={self._pages}>"
+
+    @property
+    def tree(self) -> IntervalTree:
+        """The units as an ``IntervalTree`` of ``Interval(start, end, unit)``, for interval
+        queries of any kind; built on first use after a change (O(n log n)), then kept
+        until the next change. Read it, never change it."""
+        if self._tree is None:
+            self._tree = IntervalTree(Interval(u.start, u.end, u) for u in self._index)
+        return self._tree
 
     # Queries
 
     def units(self) -> list[PurgeUnit]:
         """All units, sorted by start page."""
-        starts = self._starts
-        return [starts[page] for page in sorted(starts)]
+        return list(self._index)
 
     def units_overlapping(self, start: int, end: int) -> list[PurgeUnit]:
         """The units sharing at least one page with [start, end), sorted by start page."""
         _check_pages(start, end)
-        first = self.unit_at(start)
-        found = [] if first is None else [first]
-        if end - start > 1:  # other units begin strictly inside the range
-            starts = self._starts
-            for page in self._bounds().irange(start, end, inclusive=(False, False)):
-                unit = starts.get(page)
-                if unit is not None:
-                    found.append(unit)
-        return found
+        return self._index.overlapping(start, end)
 
     def last_page(self) -> int:
         """The end page of the last unit (0 if there is none)."""
-        return int(self._bounds().keys()[-1]) if self._starts else 0
+        last = self._index.last()
+        return 0 if last is None else last.end
 
     def slice_end(self, start: int, end: int, units: int) -> int:
         """A page in (start, end] such that [start, it) overlaps at most about *units* units.
 
-        For doing a change over many units in slices: cheap, O(log n + units).
+        For doing a change over many units in slices: cheap, O(log n + units). The page is
+        the start of a unit (or *end*), so no unit is cut there.
         """
-        for i, page in enumerate(self._bounds().irange(start, end, inclusive=(False, False))):
-            if i >= 2 * units:  # each unit has two boundaries
-                return int(page)
+        if end - start <= units + 1:  # too few pages for more units to start inside
+            return end
+        for i, unit in enumerate(self._index.starting_in(start, end)):
+            if i >= units:
+                return unit.start
         return end
 
     def unit_at(self, page: int) -> PurgeUnit | None:
         """The unit holding ``page``, or None."""
-        # A unit holding `page` begins at the last boundary <= page: no boundary lies inside
-        # a unit, since units are disjoint.
-        for start in self._bounds().irange(maximum=page, reverse=True):
-            unit = self._starts.get(start)
-            return unit if unit is not None and unit.end > page else None
-        return None
+        unit = self._index.at_or_before(page)
+        return unit if unit is not None and unit.end > page else None
 
     def volatile_page_count(self) -> int:
         """The number of pages in units (purged ones included)."""
@@ -255,46 +405,54 @@ class VrangeRoot:
 
     # Changes
 
-    def mark_volatile(self, start: int, end: int) -> PurgeUnit:
+    def mark_volatile(
+        self, start: int, end: int, found: list[PurgeUnit] | None = None, *, queue: bool = True
+    ) -> PurgeUnit:
         """Make pages [start, end) volatile and return their unit, now the newest.
 
         Every unit overlapping the range is merged with it into one unit spanning the union;
-        merely adjacent units stay separate. The merged unit is not purged and not pinned (it
-        is in the purge order), whatever the merged units were. The merged units leave the
-        tree and the order, except that when the range lies inside one existing unit that unit
-        object is kept and just gets the new seq.
+        merely adjacent units stay separate. The merged unit is not purged and not pinned,
+        whatever the merged units were, and it is in the purge order unless *queue* is False
+        (then the caller decides). The merged units leave the root and the order, except
+        that when the range lies inside one existing unit that unit object is kept and just
+        gets the new seq. *found*, if given, must be ``units_overlapping(start, end)``
+        (a caller that looked them up already saves the second look-up).
         """
-        found = self.units_overlapping(start, end)
-        seq = self.order.next_seq()
+        if found is None:
+            found = self.units_overlapping(start, end)
+        order = self.order
+        seq = order.next_seq()
         if len(found) == 1 and found[0].start <= start and end <= found[0].end:
             unit = found[0]
-            self.order.discard(unit)
+            order.discard(unit)
             unit.seq = seq
             unit.purged = unit.pinned = False  # reclaim parks it again if pins hold it
-            self.order.add(unit)
+            if queue:
+                order.add(unit)
             return unit
         if found:
             start = min(start, found[0].start)
             end = max(end, found[-1].end)
         for old in found:
             self._remove(old)
-            self.order.discard(old)
+            order.discard(old)
         unit = PurgeUnit(self.ino, start, end, seq)
         self._insert(unit)
-        self.order.add(unit)
+        if queue:
+            order.add(unit)
         return unit
 
     def mark_nonvolatile(self, start: int, end: int) -> list[PurgeUnit]:
         """Make pages [start, end) non-volatile; return what was cut out, sorted by start.
 
-        Units wholly inside the range leave the tree and the order. A unit partly inside is
+        Units wholly inside the range leave the root and the order. A unit partly inside is
         trimmed or split: the pieces that remain keep its seq, purged flag and place in the
         purge order (the left piece, or the only piece, is the original unit object).
 
         The result describes exactly the pages that stopped being volatile: a unit removed
         whole is returned itself; for a unit trimmed or split, a new unit (same ino, seq,
         purged and pinned flags) covering the pages cut from it. Returned units are in no
-        tree and no order.
+        root and no order.
         """
         _check_pages(start, end)
         return self._cut(start, end)
@@ -303,9 +461,7 @@ class VrangeRoot:
         """Drop every volatile page >= page_count; return what was cut out, as above."""
         if page_count < 0:
             raise ValueError(f"negative page count {page_count}")
-        if not self._starts:
-            return []
-        last = self._bounds().keys()[-1]
+        last = self.last_page()
         return self._cut(page_count, last) if page_count < last else []
 
     def clear(self) -> list[PurgeUnit]:
@@ -313,15 +469,15 @@ class VrangeRoot:
         removed = self.units()
         for unit in removed:
             self.order.discard(unit)
-        self.tree.clear()
-        self._starts.clear()
+        self._index.clear()
+        self._tree = None
         self._pages = 0
         return removed
 
     def mark_purged(self, unit: PurgeUnit) -> None:
         """Record that ``unit`` (in this root) was purged: it leaves the purge order.
 
-        It stays in the tree, listed as volatile, until marked non-volatile. Freeing the
+        It stays in the root, listed as volatile, until marked non-volatile. Freeing the
         pages is the caller's job.
         """
         self._check_mine(unit)
@@ -330,82 +486,78 @@ class VrangeRoot:
 
     # Internals
 
-    def _bounds(self) -> Any:
-        """The tree's boundary table: a SortedDict whose keys are all units' start and end
-        pages (an intervaltree attribute that its own queries use)."""
-        return self.tree.boundary_table
-
     def _check_mine(self, unit: PurgeUnit) -> None:
-        if self._starts.get(unit.start) is not unit:
+        if self._index.at_or_before(unit.start) is not unit:
             raise ValueError(f"{unit!r} is not in {self!r}")
 
     def _insert(self, unit: PurgeUnit) -> None:
-        self.tree.add(Interval(unit.start, unit.end, unit))
-        self._starts[unit.start] = unit
+        self._index.insert(unit)
         self._pages += unit.end - unit.start
+        self._tree = None
 
     def _remove(self, unit: PurgeUnit) -> None:
-        self.tree.remove(Interval(unit.start, unit.end, unit))
-        del self._starts[unit.start]
+        self._index.remove(unit)
         self._pages -= unit.end - unit.start
+        self._tree = None
 
     def _cut(self, start: int, end: int) -> list[PurgeUnit]:
         cut_out = []
-        for unit in self.units_overlapping(start, end):
-            self._remove(unit)
-            keep_left = unit.start < start
-            keep_right = unit.end > end
-            if not keep_left and not keep_right:
-                self.order.discard(unit)
+        order = self.order
+        for unit in self._index.overlapping(start, end):
+            if start <= unit.start and unit.end <= end:  # wholly inside: it goes
+                self._remove(unit)
+                order.discard(unit)
                 cut_out.append(unit)
                 continue
             cut_start, cut_end = max(unit.start, start), min(unit.end, end)
             cut_out.append(
                 PurgeUnit(unit.ino, cut_start, cut_end, unit.seq, unit.purged, unit.pinned)
             )
-            if keep_left:
+            self._pages -= cut_end - cut_start
+            self._tree = None
+            if unit.start < start:  # the unit keeps its left part (and its start page)
                 right_end = unit.end
                 unit.end = start
-                self._insert(unit)
-                if keep_right:
+                if right_end > end:  # a right piece too, at the unit's place in the order
                     piece = PurgeUnit(unit.ino, end, right_end, unit.seq, unit.purged, unit.pinned)
-                    self._insert(piece)
-                    if unit in self.order:  # the piece keeps the unit's place
-                        self.order.add(piece)
-            else:
-                queued = unit in self.order
-                self.order.discard(unit)  # its key (seq, start) changes
+                    self._index.insert(piece)
+                    if unit in order:
+                        order.add(piece)
+            else:  # the unit keeps its right part: its start, part of its order key, moves
+                queued = unit in order
+                order.discard(unit)
+                self._index.remove(unit)
                 unit.start = end
-                self._insert(unit)
+                self._index.insert(unit)
                 if queued:
-                    self.order.add(unit)
+                    order.add(unit)
         return cut_out
 
     def check_invariants(self) -> None:
-        """Raise AssertionError unless tree, index, page count and order agree.
+        """Raise AssertionError unless index, page count, order (and tree, if built) agree.
 
-        Checks that intervals are disjoint, each holds a unit of this inode with matching
-        start/end, the start index and page count match the tree, and purged units are not
-        in the purge order. (Whether a unit that is not purged must be queued depends on its
-        pages: reclaim checks that.)
+        Checks that units are sorted and disjoint, each belongs to this inode and is not
+        empty, the page count matches, purged units are not in the purge order, and a
+        tree that was built holds exactly the units. (Whether a unit that is not purged
+        must be queued depends on its pages: reclaim checks that.)
         """
-        intervals = sorted(self.tree, key=lambda iv: iv.begin)
-        _check(len(intervals) == len(self._starts), "tree and start index differ in size")
+        self._index.check_invariants()
         previous_end = None
         pages = 0
-        for iv in intervals:
-            unit = iv.data
-            _check(isinstance(unit, PurgeUnit), f"{iv!r} holds no PurgeUnit")
-            _check((unit.start, unit.end) == (iv.begin, iv.end), f"{iv!r} vs {unit!r}")
-            _check(unit.ino == self.ino, f"{unit!r} in the tree of inode {self.ino}")
-            _check(iv.begin < iv.end, f"empty {unit!r}")
-            _check(self._starts.get(unit.start) is unit, f"{unit!r} missing from the index")
-            _check(previous_end is None or previous_end <= iv.begin, f"{unit!r} overlaps")
-            previous_end = iv.end
-            pages += iv.end - iv.begin
+        for unit in self._index:
+            _check(isinstance(unit, PurgeUnit), f"{unit!r} is no PurgeUnit")
+            _check(unit.ino == self.ino, f"{unit!r} in the root of inode {self.ino}")
+            _check(unit.start < unit.end, f"empty {unit!r}")
+            _check(previous_end is None or previous_end <= unit.start, f"{unit!r} overlaps")
+            previous_end = unit.end
+            pages += unit.end - unit.start
             if unit.purged:
                 _check(unit not in self.order, f"purged {unit!r} is in the purge order")
-        _check(pages == self._pages, f"counted {self._pages} pages, tree holds {pages}")
+        _check(pages == self._pages, f"counted {self._pages} pages, units hold {pages}")
+        if self._tree is not None:
+            held = sorted((iv.begin, iv.end, id(iv.data)) for iv in self._tree)
+            units = [(unit.start, unit.end, id(unit)) for unit in self._index]
+            _check(held == units, "the interval tree is out of date")
 
 
 def _check(condition: bool, message: str) -> None:

@@ -110,9 +110,9 @@ def test_unmark_of_many_units_in_one_call(mount: Mount) -> None:
     mark_units(f, UNITS, stride=2)
     s = stats(mount.path)
     assert s["volatile_units"] == UNITS
-    # The garbage collector examined no more than what was made since its last full run:
-    # a full run over all those units' objects would take about 100 ms.
-    assert s["gc_full_collections"] >= 5 and s["gc_longest_run_us"] < 60_000, s
+    # The garbage collector examined no more than what was made since its last full run
+    # (a unit is at most two objects the collector tracks, so there are few full runs).
+    assert s["gc_full_collections"] >= 1 and s["gc_longest_run_us"] < 60_000, s
     check_not_stalled(mount, lambda: os.setxattr(f, "user.vrange.nonvolatile", b"0,0"))
     assert stats(mount.path)["volatile_units"] == 0
     assert os.getxattr(f, "user.vrange.volatile") == b""

@@ -46,14 +46,14 @@ def test_a_second_user_cannot_grow_the_daemon_past_the_budget(mounter: Mounter) 
 
     def attack() -> dict[str, dict[str, int]]:
         big.write_bytes(b"u" * (4 * MIB))
-        os.truncate(big, 64 * MIB)  # sparse beyond: units over holes cost metadata too
+        os.truncate(big, 256 * MIB)  # sparse beyond: units over holes cost metadata too
         out = {}
         out["xattrs"] = fill(lambda i: os.setxattr(big, f"user.a{i}", b"v" * 60_000), limit=10_000)
         for name in os.listxattr(big):
             os.removexattr(big, name)
         out["units"] = fill(
             lambda i: os.setxattr(big, "user.vrange.volatile", f"{2 * i * 4096},4096".encode()),
-            limit=8192,  # every other page: more units than the budget holds
+            limit=32768,  # every other page: more units than the budget holds (~15,500)
         )
         os.setxattr(big, "user.vrange.nonvolatile", b"0,0")  # unmarking never fails
         out["files"] = fill(lambda i: (play / (f"{i:06}" + "n" * 249)).touch())

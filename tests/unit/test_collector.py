@@ -17,7 +17,7 @@ from vrangefs.vrange import PurgeOrder, VrangeRoot
 collector = Collector()
 collector.install()
 root = VrangeRoot(1, PurgeOrder())
-for i in range(100_000):  # long-lived objects, as a mount with many units holds
+for i in range(300_000):  # long-lived objects, as a mount with many units holds
     root.mark_volatile(2 * i, 2 * i + 1)
 stats = collector.statistics()
 collector.uninstall()

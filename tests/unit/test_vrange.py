@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import gc
+import random
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
 
+from vrangefs import vrange
 from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
 
 
@@ -22,13 +27,13 @@ def root(order: PurgeOrder) -> Iterator[VrangeRoot]:
     order.check_invariants()
 
 
-
 def pop_oldest(order: PurgeOrder) -> PurgeUnit | None:
     """Take the least recently marked unit out of the order, as reclaim does."""
     unit = order.oldest()
     if unit is not None:
         order.discard(unit)
     return unit
+
 
 def spans(units: list[PurgeUnit]) -> list[tuple[int, int]]:
     return [(unit.start, unit.end) for unit in units]
@@ -335,3 +340,74 @@ def test_check_invariants_catches_corruption(root: VrangeRoot, order: PurgeOrder
     unit.end = 4
 
 
+@pytest.mark.parametrize("load", [2, 512])
+def test_index_against_a_sorted_list(load: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked index answers as a plain sorted list does, through splits and merges."""
+    monkeypatch.setattr(vrange, "_LOAD", load)
+    rng = random.Random(load)
+    index = vrange._UnitIndex()
+    model: dict[int, PurgeUnit] = {}
+    starts: list[int] = []  # the model's sorted starts
+    for step in range(6000):
+        start = rng.randrange(0, 4000) * 2
+        if start in model and rng.random() < 0.9:
+            index.remove(model.pop(start))
+            starts.remove(start)
+        elif start not in model:
+            model[start] = PurgeUnit(1, start, start + rng.choice((1, 2)), 0)
+            index.insert(model[start])
+            bisect.insort(starts, start)
+        if step % 500 == 0 or step < 50:
+            index.check_invariants()
+        page = rng.randrange(-1, 8010)
+        end = page + rng.randrange(1, 40)
+        i = bisect.bisect_right(starts, page)
+        assert index.at_or_before(page) is (model[starts[i - 1]] if i else None)
+        near = [model[s] for s in starts[max(i - 1, 0) : bisect.bisect_left(starts, end)]]
+        assert index.overlapping(max(page, 0), end) == [u for u in near if u.end > max(page, 0)]
+        assert list(index.starting_in(page, end)) == [u for u in near if page < u.start]
+    assert list(index) == [model[s] for s in sorted(model)]
+    assert len(index) == len(model)
+    assert index.last() is (max(model.values(), key=lambda u: u.start) if model else None)
+    for unit in list(model.values()):
+        index.remove(unit)
+    index.check_invariants()
+    assert len(index) == 0 and index.last() is None
+    with pytest.raises(ValueError, match="not in the index"):
+        index.remove(PurgeUnit(1, 0, 1, 0))
+
+
+def test_the_interval_tree_is_built_when_asked_and_dropped_on_change(
+    root: VrangeRoot,
+) -> None:
+    a = root.mark_volatile(0, 4)
+    b = root.mark_volatile(10, 12)
+    tree = root.tree
+    assert root.tree is tree  # kept while nothing changes
+    assert sorted((iv.begin, iv.end, iv.data.start) for iv in tree) == [(0, 4, 0), (10, 12, 10)]
+    assert {iv.data for iv in tree.overlap(3, 11)} == {a, b}
+    root.mark_nonvolatile(2, 3)  # a split
+    assert root.tree is not tree
+    assert sorted((iv.begin, iv.end) for iv in root.tree) == [(0, 2), (3, 4), (10, 12)]
+    root.check_invariants()
+    tree = root.tree
+    b.end = 13  # behind the root's back: the tree no longer matches
+    with pytest.raises(AssertionError):
+        root.check_invariants()
+    b.end = 12
+
+
+def test_a_unit_costs_at_most_300_bytes(order: PurgeOrder) -> None:
+    """Issue 12's bound, measured: a queued one-page unit of a root of many."""
+    roots = [VrangeRoot(ino, order) for ino in range(4)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for page in range(0, 40000, 2):
+            roots[page % 4].mark_volatile(page + 1000, page + 1001)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(order) == 20000
+    assert used / 20000 <= 300, used / 20000

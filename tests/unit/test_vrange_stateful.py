@@ -8,6 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from vrangefs import vrange
 from vrangefs.vrange import PurgeOrder, PurgeUnit, VrangeRoot
 
 PAGES = 40
@@ -35,8 +36,14 @@ class Run:
 
 
 class VrangeMachine(RuleBasedStateMachine):
+    # Index chunks of at most 4 units, merged at 1: a root of a few units splits and
+    # merges them all the time (the daemon's chunks hold hundreds).
+    LOAD = 2
+
     def __init__(self) -> None:
         super().__init__()
+        self._saved_load = vrange._LOAD
+        vrange._LOAD = self.LOAD
         self.order = PurgeOrder()
         self.roots = {ino: VrangeRoot(ino, self.order) for ino in INOS}
         # The model: per inode, page -> unit id; per unit id, its seq and purged flag.
@@ -44,6 +51,9 @@ class VrangeMachine(RuleBasedStateMachine):
         self.units: dict[int, ModelUnit] = {}
         self.next_uid = 0
         self.next_seq = 0
+
+    def teardown(self) -> None:
+        vrange._LOAD = self._saved_load
 
     # Model helpers
 
@@ -174,6 +184,11 @@ class VrangeMachine(RuleBasedStateMachine):
                 if unit is not None:
                     uid = self.pages[ino][page]
                     assert all(self.pages[ino].get(p) == uid for p in range(unit.start, unit.end))
+                # The interval tree, built on demand, answers as the index does.
+                assert [iv.data for iv in root.tree.at(page)] == ([] if unit is None else [unit])
+                assert {iv.data for iv in root.tree.overlap(page, page + 5)} == set(
+                    root.units_overlapping(page, page + 5)
+                )
 
     @invariant()
     def seqs_match_model(self) -> None:
