@@ -70,7 +70,15 @@ class MetadataBudget:
 
     @property
     def used(self) -> int:
-        return self.charged + sum(how_many() * each for how_many, each in self._counted)
+        total = self.charged
+        for how_many, each in self._counted:  # a loop: cheaper than sum() of a generator
+            total += how_many() * each
+        return total
+
+    def fits(self, needed: int) -> bool:
+        """Whether *needed* more bytes stay within the cap (:meth:`check` without a message,
+        for hot paths that build one only when refused)."""
+        return self.used + needed <= self.cap
 
     def check(self, needed: int, what: str) -> None:
         """Raise MetadataFullError if *needed* more bytes would pass the cap."""

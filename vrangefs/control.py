@@ -25,6 +25,7 @@ pin answers EPERM, as the kernel answers any ``user.*`` setxattr there.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -57,9 +58,14 @@ Setter = Callable[[Volume, int, bytes], Job | None]
 PinSetter = Callable[[Volume, int, bytes, Pinner], None]
 
 
+_parse_range = functools.lru_cache(maxsize=256)(protocol.parse_range)
+"""parse_range, remembering recent values: a program that marks and unmarks the same few
+ranges over and over (a cache's objects) pays for parsing each once."""
+
+
 def _range_value(ino: int, name: bytes, value: bytes) -> tuple[int, int]:
     try:
-        return protocol.parse_range(value)
+        return _parse_range(value)
     except protocol.RangeError as e:
         log.warning("inode %d: %s: %s", ino, name.decode(), e)
         raise FsError(e.errno, str(e)) from None

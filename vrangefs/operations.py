@@ -542,13 +542,18 @@ class Operations(pyfuse3.Operations):
             await self.invalidator.settled(inode)
         purged: set[int] = set()
         try:
-            with self.invalidator.recording() as recorded:
+            # Most jobs (a mark, an unmark of a few units) end in their first slice: run
+            # it in the same synchronous step, with no checkpoint, coroutine or set more.
+            with self.invalidator.recording() as purged:
                 job = control.setxattr_job(self.volume, inode, name, value)
-            purged |= recorded
-            if job is not None:
+                if job is not None and self._run_slice(job):
+                    job = None
+            if job is not None:  # the rest in slices, other requests first
+                await trio.sleep(0)
                 await self._run(job, purged)
         finally:  # a purge returns once no stale page is left, failed or not
-            await self.invalidator.settle(purged)
+            if purged:
+                await self.invalidator.settle(purged)
 
     def watch_requests(self, fuse_fd: int) -> None:
         """Let big jobs see requests waiting on the FUSE device (descriptor *fuse_fd*)."""
@@ -570,16 +575,22 @@ class Operations(pyfuse3.Operations):
         """
         done = False
         while not done:
-            deadline = time.monotonic() + SLICE_SECONDS
             with self.invalidator.recording() as recorded:
-                done = True
-                for _ in job:
-                    if time.monotonic() >= deadline or self._others_waiting():
-                        done = False
-                        break
+                done = self._run_slice(job)
             purged |= recorded
             if not done:
                 await trio.sleep(0)
+
+    def _run_slice(self, job: control.Job) -> bool:
+        """Run *job* for at most SLICE_SECONDS, less once another request waits (see
+        :meth:`_run`); True once it is done."""
+        deadline = time.monotonic() + SLICE_SECONDS
+        for _ in job:
+            if time.monotonic() >= deadline or self._others_waiting():
+                break
+        else:
+            return True
+        return False
 
     async def _pin_request(
         self, ino: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext

@@ -119,11 +119,16 @@ def _show(value: bytes) -> str:
     return repr(value)
 
 
+_MAX_DIGITS = len(str(MAX_OFFSET))
+
+
 def _number(digits: bytes, suffix: bytes) -> int | None:
     """The value of a matched number, or None if it exceeds MAX_OFFSET."""
-    if len(digits) > len(str(MAX_OFFSET)):  # also keeps int() far from its digit limit
+    if len(digits) > _MAX_DIGITS:  # also keeps int() far from its digit limit
         return None
-    value = int(digits) * _UNITS[suffix[:1].lower()]
+    value = int(digits)
+    if suffix:
+        value *= _UNITS[suffix[:1].lower()]
     return value if value <= MAX_OFFSET else None
 
 

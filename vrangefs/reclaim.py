@@ -93,6 +93,14 @@ def worth_evicting(data: FileData) -> bool:
     return bool(data.resident_pages) or data.any_purged(0, pages_spanned(data.size))
 
 
+def _resident(data: FileData, start: int, end: int) -> int:
+    """``data.resident_in(start, end)``, a one-page range (the commonest mark) looked up
+    directly: a tenth of the cost."""
+    if end - start == 1:
+        return 1 if data.slot_of(start) >= 0 else 0
+    return data.resident_in(start, end)
+
+
 class ReclaimObserver(Protocol):
     """Told of every purge and eviction after the listener (the daemon's event stream).
 
@@ -200,11 +208,22 @@ class Reclaim:
     # -- volatility changes -------------------------------------------------
     def mark_volatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
         found = root.units_overlapping(start, end)
-        self._uncount(data, found)
+        if len(found) == 1 and found[0].start <= start and end <= found[0].end:
+            # Inside one unit: the same unit and pages, made the newest. Count them once.
+            unit = found[0]
+            resident = _resident(data, unit.start, unit.end)
+            if not unit.purged:
+                if unit.pinned:
+                    self.pinned_pages -= resident
+                else:
+                    self.volatile_pages -= resident
+            root.mark_volatile(start, end, found, queue=False)
+        else:
+            self._uncount(data, found)
+            unit = root.mark_volatile(start, end, found, queue=False)
+            self.units += 1 - len(found)
+            resident = _resident(data, unit.start, unit.end)
         # Neither purged nor pinned, and not queued yet: queued below if it may be purged.
-        unit = root.mark_volatile(start, end, found, queue=False)
-        self.units += 1 - len(found)
-        resident = data.resident_in(unit.start, unit.end)
         if self.pins.covers(root.ino, unit.start, unit.end):
             unit.pinned = True
             self.pinned_pages += resident
@@ -244,7 +263,7 @@ class Reclaim:
         """Units (or pieces cut from them) stop being volatile: uncount their resident pages."""
         for unit in units:
             if not unit.purged:
-                resident = data.resident_in(unit.start, unit.end)
+                resident = _resident(data, unit.start, unit.end)
                 if unit.pinned:
                     self.pinned_pages -= resident
                 else:

@@ -581,7 +581,8 @@ class Volume:
         not volatile for a while, which nothing can harm), then makes the one new unit.
         """
         inode, data = self._regular(ino)
-        self._charge(budget.UNIT_BYTES, f"inode {ino}: a volatile unit", count=False, spare=ino)
+        if not self.budget.fits(budget.UNIT_BYTES):  # room to make, or ENOSPC
+            self._charge(budget.UNIT_BYTES, f"inode {ino}: a volatile unit", count=False, spare=ino)
         if _whole_file(offset, length, data.size) and inode.kept:
             inode.kept = False
             self.reclaim.cache_keep(ino, data, kept=False)
