@@ -21,8 +21,6 @@ even when a split or a longer name takes the count a little past the cap.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 INODE_BYTES = 200  # an Inode and its table entry
 FILE_BYTES = 250  # a regular file's FileData, beyond the inode
 DIRECTORY_BYTES = 430  # a Directory: its entry and cookie maps, beyond the inode
@@ -51,9 +49,6 @@ class MetadataFullError(Exception):
         )
 
 
-Counter = Callable[[], int]
-
-
 class MetadataBudget:
     """The count of metadata bytes and the cap on it (see the module docstring)."""
 
@@ -62,17 +57,19 @@ class MetadataBudget:
             raise ValueError(f"metadata cap must not be negative: {cap_bytes}")
         self.cap = cap_bytes
         self.charged = 0  # inodes, names, targets, xattrs
-        self._counted: list[tuple[Counter, int]] = []  # (how many, bytes each)
+        self._counted: list[tuple[object, str, int]] = []  # (owner, attribute, bytes each)
 
-    def count(self, how_many: Counter, each: int) -> None:
-        """Add things counted elsewhere (units, pins, page-table chunks) to the total."""
-        self._counted.append((how_many, each))
+    def count(self, owner: object, attribute: str, each: int) -> None:
+        """Add things counted elsewhere (units, pins, page-table chunks) to the total: as
+        many as ``owner.attribute`` says, at *each* bytes."""
+        self._counted.append((owner, attribute, each))
 
     @property
     def used(self) -> int:
+        # Read on every mark: plain getattr in a loop, no Python call per counter.
         total = self.charged
-        for how_many, each in self._counted:  # a loop: cheaper than sum() of a generator
-            total += how_many() * each
+        for owner, attribute, each in self._counted:
+            total += getattr(owner, attribute) * each
         return total
 
     def fits(self, needed: int) -> bool:

@@ -144,9 +144,9 @@ class Volume:
             low_watermark=low_watermark,
             pin_limit_pages=pin_limit // PAGE_SIZE,
         )
-        self.budget.count(lambda: self.reclaim.units, budget.UNIT_BYTES)
-        self.budget.count(lambda: self.reclaim.pins.records, budget.PIN_BYTES)
-        self.budget.count(lambda: store.chunks, budget.CHUNK_BYTES)
+        self.budget.count(self.reclaim, "units", budget.UNIT_BYTES)
+        self.budget.count(self.reclaim.pins, "records", budget.PIN_BYTES)
+        self.budget.count(store, "chunks", budget.CHUNK_BYTES)
 
     # -- reaping -------------------------------------------------------------------
     def reaping(self) -> Iterator[None]:

@@ -132,6 +132,42 @@ def test_parse_range_rejects(value: bytes, code: int) -> None:
     assert "OFFSET,LENGTH" in str(info.value) or "too large" in str(info.value)
 
 
+@given(st.text(alphabet="0123456789,kKmMgGtTiIbB\n -+x", max_size=30))
+def test_parse_range_fast_path_agrees_with_the_grammar(text: str) -> None:
+    """Plain numbers skip the regex; every value parses (or fails) as the regex says."""
+    value = text.encode()
+    try:
+        expected: object = protocol._parse_range_general(value)
+    except RangeError as e:
+        expected = e.errno
+    try:
+        got: object = parse_range(value)
+    except RangeError as e:
+        got = e.errno
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"0,0", (0, 0)),
+        (b"4096,4096\n", (4096, 4096)),
+        (b"9223372036854775807,0", (2**63 - 1, 0)),
+        (b"9223372036854775807,1", errno.ERANGE),
+        (b"99999999999999999999,0", errno.ERANGE),
+        (b"01,1", errno.EINVAL),
+        (b"0,00", errno.EINVAL),
+        (b"1,", errno.EINVAL),
+    ],
+)
+def test_parse_range_fast_path_edges(value: bytes, expected: object) -> None:
+    try:
+        got: object = parse_range(value)
+    except RangeError as e:
+        got = e.errno
+    assert got == expected
+
+
 def test_parse_range_message_names_value() -> None:
     with pytest.raises(RangeError, match="b'abc'"):
         parse_range(b"abc")
