@@ -20,8 +20,17 @@ References, to show where the time goes:
   trip doing (almost) nothing, the floor for any xattr call through pyfuse3;
 - ``setxattr`` of an ordinary stored ``user.`` xattr on vrangefs.
 
+Marks (issue 12's figures): *new marks* are the N setxattr calls that create the N units above
+(each makes a unit; marks/s = N / their time); *re-marks* mark the same written page over and
+over (``--ops`` calls, the pattern of bench_pins' ``volatile_marks_per_s``); *written marks*
+make ``--written-units`` adjacent one-page units on a file whose pages all hold data (so each
+unit is queued for purging, the dearest kind). The floor of a mark is ``setxattr`` on
+bench/ceiling.py, which accepts and forgets any value, with one pyfuse3 task as the ceiling
+runs and with many (``ceiling-mt``: pyfuse3 then keeps a spare reader task, as vrangefs must).
+
 Memory: the daemon's VmRSS (its pid from ``user.vrange.stats``) before and after creating the
-units of the largest N, divided by N.  Every run uses a fresh mount; tables show medians.
+units of the largest N, divided by N; and the same around the written marks. Every run uses a
+fresh mount; tables show medians.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ from vrange_util import (
 
 TARGET_OPS = 10_000  # setxattr calls per second, one process
 TARGET_RATIO = 2.0  # the largest N may be at most this much slower than the smallest
+TARGET_MARKS = 14_000  # issue 12: marks per second from one process
+TARGET_UNIT_BYTES = 300  # issue 12: daemon memory per volatile unit
 
 
 def make_units(path: str, units: int) -> float:
@@ -65,6 +76,22 @@ def make_units(path: str, units: int) -> float:
     finally:
         os.close(fd)
     return setxattr_loop(path, [(VOLATILE, b"%d,%d" % (2 * i * PAGE, PAGE)) for i in range(units)])
+
+
+def make_written(path: str, units: int) -> None:
+    """Create *path* with *units* pages of data (no units yet)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        block = b"w" * (256 * PAGE)
+        for off in range(0, units * PAGE, len(block)):
+            os.pwrite(fd, block[: units * PAGE - off], off)
+    finally:
+        os.close(fd)
+
+
+def mark_pages(path: str, units: int) -> float:
+    """Mark each of the first *units* pages of *path* as its own unit; return seconds."""
+    return setxattr_loop(path, [(VOLATILE, b"%d,%d" % (i * PAGE, PAGE)) for i in range(units)])
 
 
 def odd_offsets(units: int, ops: int, seed: int) -> list[bytes]:
@@ -132,6 +159,7 @@ def one_run(session: Session, opts: argparse.Namespace, run: int) -> dict[str, A
             got = stats(mnt)["volatile_units"]
             if got != sum(u for u in opts.units if u <= n):
                 raise BenchError(f"after creating {n} units stats say volatile_units={got}")
+            res[f"new_marks_per_s[{n}]"] = n / res[f"setup_s[{n}]"]
             if n == biggest:
                 res["rss_before_units_MiB"] = rss_before / (1 << 20)
                 res["rss_after_units_MiB"] = rss_after / (1 << 20)
@@ -162,13 +190,36 @@ def one_run(session: Session, opts: argparse.Namespace, run: int) -> dict[str, A
         units_now = stats(mnt)["volatile_units"]
         if units_now != sum(opts.units):
             raise BenchError(f"round trips left volatile_units={units_now}, not {sum(opts.units)}")
+        one = str(mnt / "one-page")
+        Path(one).write_bytes(b"r" * PAGE)
+        res["remarks_per_s"] = ops / in_child(
+            setxattr_loop, one, [(VOLATILE, b"0,4096")] * ops, timeout=timeout, what="re-marks"
+        )
+        if opts.written_units:
+            written, count = str(mnt / "written"), opts.written_units
+            in_child(make_written, written, count, timeout=120 + count / 1000, what="write")
+            queued = stats(mnt)["purgeable_units"]
+            rss_before = rss_bytes(pid)
+            secs = in_child(mark_pages, written, count, timeout=120 + count / 200, what="marks")
+            res["written_marks_per_s"] = count / secs
+            res["rss_per_written_unit_B"] = (rss_bytes(pid) - rss_before) / count
+            got = stats(mnt)["purgeable_units"] - queued
+            if got != count:
+                raise BenchError(f"{count} written units, but {got} more purgeable_units")
     if opts.ceiling:
-        with session.ceiling() as cmnt:
-            probe = str(cmnt / "probe")
-            Path(probe).touch()
-            res["ceiling_absent_getxattr_per_s"] = ops / in_child(
-                absent_getxattr, probe, ops, timeout=timeout, what="ceiling getxattr"
-            )
+        for many in (False, True):
+            with session.ceiling(max_tasks=1 << 30 if many else None) as cmnt:
+                probe = str(cmnt / "probe")
+                Path(probe).touch()
+                tag = "ceiling_mt" if many else "ceiling"
+                if not many:
+                    res["ceiling_absent_getxattr_per_s"] = ops / in_child(
+                        absent_getxattr, probe, ops, timeout=timeout, what="ceiling getxattr"
+                    )
+                calls = [(VOLATILE, b"0,4096")] * ops
+                res[f"{tag}_setxattr_per_s"] = ops / in_child(
+                    setxattr_loop, probe, calls, timeout=timeout, what=f"{tag} setxattr"
+                )
     for n in opts.units:
         secs = in_child(
             model_round_trips, n, ops, run, timeout=timeout + n / 1000, what=f"model, {n} units"
@@ -192,6 +243,12 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace) -> dict[str, An
         rows.append([label, fmt(value), extra])
 
     for n in opts.units:
+        row(f"new marks/s, making {n:,} units", f"new_marks_per_s[{n}]", per_op=True)
+    row("re-marks/s of one written page", "remarks_per_s", per_op=True)
+    row(f"marks/s, {opts.written_units:,} written pages", "written_marks_per_s", per_op=True)
+    row("setxattr/s, ceiling (empty handler)", "ceiling_setxattr_per_s", per_op=True)
+    row("setxattr/s, ceiling-mt (spare reader)", "ceiling_mt_setxattr_per_s", per_op=True)
+    for n in opts.units:
         row(f"round trips/s, {n:,} units", f"rt_per_s[{n}]", per_op=True)
         row(f"  setxattr calls/s, {n:,} units", f"ops_per_s[{n}]", per_op=True)
     for n in opts.units:
@@ -203,13 +260,29 @@ def report(runs: list[dict[str, Any]], opts: argparse.Namespace) -> dict[str, An
     row(f"daemon RSS before {hi:,} units (MiB)", "rss_before_units_MiB")
     row(f"daemon RSS after {hi:,} units (MiB)", "rss_after_units_MiB")
     row("daemon RSS per unit (bytes)", "rss_per_unit_B")
+    row("daemon RSS per written (queued) unit (bytes)", "rss_per_written_unit_B")
     print()
     table = print_table([f"figure (median of {len(runs)})", "value", "us/call"], rows)
 
     verdict: dict[str, Any] = {}
+    marks = [meds.get(f"new_marks_per_s[{hi}]"), meds.get("remarks_per_s")]
+    marks.append(meds.get("written_marks_per_s"))
+    unit_bytes = [meds.get("rss_per_unit_B"), meds.get("rss_per_written_unit_B")]
+    if all(marks[:2]) and unit_bytes[0]:
+        slowest = min(m for m in marks if m)
+        dearest = max(b for b in unit_bytes if b)
+        verdict["marks_target"] = TARGET_MARKS
+        verdict["marks_met"] = slowest >= TARGET_MARKS
+        verdict["unit_bytes_target"] = TARGET_UNIT_BYTES
+        verdict["unit_bytes_met"] = dearest <= TARGET_UNIT_BYTES
+        print(
+            f"\nmarks/s >= {TARGET_MARKS:,}: {'met' if verdict['marks_met'] else 'NOT met'} "
+            f"(slowest kind {fmt(slowest)}); daemon bytes per unit <= {TARGET_UNIT_BYTES}: "
+            f"{'met' if verdict['unit_bytes_met'] else 'NOT met'} (dearest kind {fmt(dearest)})"
+        )
     ops_lo, ops_hi = meds.get(f"ops_per_s[{lo}]"), meds.get(f"ops_per_s[{hi}]")
     if ops_lo and ops_hi:
-        verdict = {
+        verdict |= {
             "ops_target": TARGET_OPS,
             "ops_met": min(ops_lo, ops_hi) >= TARGET_OPS,
             "round_trips_met": min(ops_lo, ops_hi) / 2 >= TARGET_OPS,
@@ -234,6 +307,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ops", type=int, default=20000, help="round trips per figure")
     parser.add_argument("--units", default="10,100000", help="unit counts (default 10,100000)")
     parser.add_argument("--memory-cap", default="1G", help="vrangefs --memory-cap (default 1G)")
+    parser.add_argument(
+        "--written-units",
+        type=int,
+        default=50000,
+        help="one-page units made on written pages (default 50000: 200 MiB of data; 0: none)",
+    )
     parser.add_argument("--no-ceiling", dest="ceiling", action="store_false")
     parser.add_argument("--json", type=Path, help="write every raw number here")
     add_wait_quiet(parser)

@@ -14,7 +14,8 @@ What it does the same way as vrangefs, so that the comparison is fair:
   ``--direct-io`` opens every file with ``direct_io`` instead;
 - ``getxattr`` is implemented and answers ENODATA, so the kernel pays the
   ``security.capability`` round trip on every write(2), as it will on any
-  filesystem that supports xattrs;
+  filesystem that supports xattrs; ``setxattr`` accepts and forgets any value
+  (the floor of a ``user.vrange.volatile`` mark);
 - pyfuse3's default entry and attribute timeouts (300 s); a lookup that misses is
   answered as a negative entry (inode 0) with vrangefs's timeout, as vrangefs does;
 - the readahead window is raised after INIT to vrangefs's (``--read-ahead-kb``, when
@@ -195,6 +196,12 @@ class CeilingOperations(pyfuse3.Operations):
         self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> bytes:
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def setxattr(
+        self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        """Accepts and forgets any value: the floor of a ``user.vrange.volatile`` mark."""
+        return None
 
     async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return []

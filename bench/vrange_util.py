@@ -155,10 +155,11 @@ class Session:
             yield path, target.pid
 
     @contextlib.contextmanager
-    def ceiling(self) -> Iterator[Path]:
-        """Mount bench/ceiling.py (page-cache mode); yield its mount point."""
+    def ceiling(self, max_tasks: int | None = None) -> Iterator[Path]:
+        """Mount bench/ceiling.py (page-cache mode; ``--max-tasks`` if given); yield its
+        mount point."""
         path = self._mountpoint("ceiling")
-        target = Ceiling(path, False, self.workdir / f"{path.name}.log")
+        target = Ceiling(path, False, self.workdir / f"{path.name}.log", max_tasks)
         with _unmounting(target):
             yield path
 
