@@ -130,7 +130,7 @@ def model_round_trips(units: int, ops: int, seed: int) -> float:
     from vrangefs.pagestore import PageStore  # noqa: PLC0415
     from vrangefs.volume import AttrChange, Caller, Volume  # noqa: PLC0415
 
-    volume = Volume(PageStore(1 << 20))
+    volume = Volume(PageStore(1 << 20), metadata_cap=1 << 34)  # units on purpose
     ino = volume.create(ROOT_INO, b"f", 0o644, Caller(0, 0)).ino
     volume.setattr(ino, AttrChange(size=(2 * units + 2) * PAGE))
     for i in range(units):
