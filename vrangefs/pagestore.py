@@ -59,6 +59,32 @@ CHUNKS_PER_STEP = 64  # chunks freed per step of a sliced truncate (each ~5 us)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
+def _missing_in(chunk: array[int], lo: int, hi: int) -> int:
+    """How many of chunk[lo:hi] hold no data (holes and purged pages), counted in C."""
+    part = chunk[lo:hi]
+    return part.count(HOLE) + part.count(PURGED)
+
+
+def _consecutive(chunk: array[int], lo: int, hi: int, slot: int) -> bool:
+    """Whether chunk[lo:hi] is slot, slot + 1, ...: compared in C, not page by page."""
+    return chunk[hi - 1] == slot + (hi - 1 - lo) and chunk[lo:hi] == array(
+        "i", range(slot, slot + hi - lo)
+    )
+
+
+def _merged(runs: Iterator[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """*runs* with neighbours joined where the slots go on across a chunk border."""
+    out: list[tuple[int, int, int]] = []
+    for page, count, slot in runs:
+        if out:
+            p_page, p_count, p_slot = out[-1]
+            if (p_slot >= 0 and p_slot + p_count == slot) if slot >= 0 else p_slot == slot:
+                out[-1] = (p_page, p_count + count, p_slot)
+                continue
+        out.append((page, count, slot))
+    return out
+
+
 class NoSpaceError(Exception):
     """Not enough free pages under the cap; nothing was changed."""
 
@@ -237,12 +263,7 @@ class FileData:
             lo = max(first - (ci << CHUNK_SHIFT), 0)
             hi = min(last - (ci << CHUNK_SHIFT), CHUNK_MASK) + 1
             chunk = self._chunks.get(ci)
-            if chunk is None:
-                needed += hi - lo
-            else:
-                for i in range(lo, hi):
-                    if chunk[i] < 0:
-                        needed += 1
+            needed += hi - lo if chunk is None else _missing_in(chunk, lo, hi)
         return needed
 
     def runs(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -265,6 +286,9 @@ class FileData:
             stop = chunk_end - base
             while i < stop:
                 slot = chunk[i]
+                if slot >= 0 and _consecutive(chunk, i, stop, slot):
+                    yield base + i, stop - i, slot  # the usual case: one run, compared in C
+                    break
                 j = i + 1
                 if slot >= 0:
                     while j < stop and chunk[j] == slot + (j - i):
@@ -318,7 +342,7 @@ class FileData:
         first = off >> PAGE_SHIFT
         end = ((off + length - 1) >> PAGE_SHIFT) + 1
         view = self.store.view
-        pieces = list(self.runs(first, end))
+        pieces = _merged(self.runs(first, end))
         if not purged_as_zeros:
             for page, _count, slot in pieces:
                 if slot == PURGED:
@@ -370,19 +394,22 @@ class FileData:
                 store.chunks += 1
                 chunk[lo:hi] = array("i", store.alloc_many(hi - lo))
                 self._resident(hi - lo)
-            else:
+            elif _missing_in(chunk, lo, hi):
                 missing = [i for i in range(lo, hi) if chunk[i] < 0]
-                if missing:  # holes and purged pages get fresh, zero-filled slots
-                    for i, slot in zip(missing, store.alloc_many(len(missing)), strict=True):
-                        chunk[i] = slot
-                    self._resident(len(missing))
+                # holes and purged pages get fresh, zero-filled slots
+                for i, slot in zip(missing, store.alloc_many(len(missing)), strict=True):
+                    chunk[i] = slot
+                self._resident(len(missing))
             # Copy runs of consecutive slots with one slice assignment each.
             i = lo
             while i < hi:
                 slot = chunk[i]
-                j = i + 1
-                while j < hi and chunk[j] == slot + (j - i):
-                    j += 1
+                if _consecutive(chunk, i, hi, slot):
+                    j = hi  # the usual case: one run, found without a loop in Python
+                else:
+                    j = i + 1
+                    while j < hi and chunk[j] == slot + (j - i):
+                        j += 1
                 run_lo = max(pos, 0)
                 run_hi = min(pos + ((j - i) << PAGE_SHIFT), length)
                 dst = (slot << PAGE_SHIFT) + (run_lo - pos)

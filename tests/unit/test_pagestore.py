@@ -92,9 +92,7 @@ def test_resident_accounting_is_exact(store: PageStore, off: int, length: int, p
         (12345, 3 * CHUNK + 777),
     ],
 )
-def test_write_read_round_trip_across_boundaries(
-    store: PageStore, off: int, length: int
-) -> None:
+def test_write_read_round_trip_across_boundaries(store: PageStore, off: int, length: int) -> None:
     f = FileData(store)
     data = pattern(length, seed=off)
     assert f.write(off, data) == length
@@ -414,3 +412,31 @@ def test_a_file_freed_during_a_truncate_job_ends_it(store: PageStore) -> None:
     f.free()
     assert list(job) == [None]  # its last step finds nothing left to free
     assert f.resident_pages == store.used_pages == 0
+
+
+def test_sequential_read_across_a_chunk_border_is_one_view(store: PageStore) -> None:
+    """Slots of a sequential write go on across chunks: a READ spanning the border is a
+    view into the arena, not a copy."""
+    f = FileData(store)
+    data = pattern(3 * CHUNK)
+    for off in range(0, len(data), CHUNK):
+        f.write(off, data[off : off + CHUNK])
+    got = f.read(CHUNK // 2, CHUNK)
+    assert isinstance(got, memoryview)
+    assert bytes(got) == data[CHUNK // 2 : CHUNK // 2 + CHUNK]
+
+
+def test_purged_run_is_not_joined_with_the_slot_after_it(store: PageStore) -> None:
+    """Pages 0-3 purged, page 4 in slot 2 (= PURGED + 4): two runs, not one."""
+    f = FileData(store)
+    f.write(0, pattern(4 * PAGE_SIZE))  # slots 0-3
+    f.purge(0, 4)  # frees slots 0-3
+    f.write(20 * PAGE_SIZE, bytes(2 * PAGE_SIZE))  # takes slots 0 and 1
+    page4 = pattern(PAGE_SIZE, seed=7)
+    f.write(4 * PAGE_SIZE, page4)  # slot 2
+    assert f.slot_of(4) == PURGED + 4
+    got = bytes(f.read(0, 5 * PAGE_SIZE, purged_as_zeros=True))
+    assert got == bytes(4 * PAGE_SIZE) + page4
+    with pytest.raises(PurgedPageError):
+        f.read(0, 5 * PAGE_SIZE)
+    assert f.pages_needed(0, 5 * PAGE_SIZE) == 4
