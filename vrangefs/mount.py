@@ -26,7 +26,7 @@ from vrangefs.collector import collector
 from vrangefs.config import MountConfig
 from vrangefs.memory import MemoryProbe
 from vrangefs.operations import Operations
-from vrangefs.pagestore import PageStore
+from vrangefs.pagestore import PageStore, pool_bytes_for
 from vrangefs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 
 def build(config: MountConfig) -> Operations:
-    store = PageStore(config.memory_cap)
+    store = PageStore(config.memory_cap, pool_bytes_for(config.memory_cap))
     volume = Volume(
         store,
         root_mode=config.root_mode,

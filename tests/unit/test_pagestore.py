@@ -21,6 +21,7 @@ from vrangefs.pagestore import (
     PageStore,
     PurgedPageError,
     pages_spanned,
+    pool_bytes_for,
 )
 
 MiB = 1 << 20
@@ -440,3 +441,85 @@ def test_purged_run_is_not_joined_with_the_slot_after_it(store: PageStore) -> No
     with pytest.raises(PurgedPageError):
         f.read(0, 5 * PAGE_SIZE)
     assert f.pages_needed(0, 5 * PAGE_SIZE) == 4
+
+
+# -- the pool of freed, still-faulted slots ----------------------------------------------
+def test_pool_keeps_freed_memory_up_to_its_bound_and_zeroes_it() -> None:
+    store = PageStore(64 * MiB, pool_bytes=MiB)
+    f = FileData(store)
+    f.write(0, b"\xee" * 4 * MiB)
+    f.free()
+    assert store.pool_pages == MiB // PAGE_SIZE  # the rest went back to the kernel
+    assert store.used_pages == 0
+    g = FileData(store)
+    g.write(PAGE_SIZE + 10, b"x")  # a partial write into a pooled slot
+    assert bytes(g.read(0, 2 * PAGE_SIZE)) == bytes(PAGE_SIZE + 10) + b"x"  # up to the size
+    g.write(3 * PAGE_SIZE, b"y" * 4 * MiB)  # the pool's remaining slots, then free ones
+    assert store.pool_pages == 0
+    assert bytes(g.read(0, 3 * PAGE_SIZE)) == bytes(PAGE_SIZE + 10) + b"x" + bytes(
+        2 * PAGE_SIZE - 11
+    )
+    assert store.used_pages + store.pool_pages <= store.capacity_pages
+    store.check_invariants()
+
+
+def test_pool_pages_are_free_pages_under_the_cap() -> None:
+    store = PageStore(8 * MiB, pool_bytes=8 * MiB)
+    f = FileData(store)
+    f.write(0, pattern(8 * MiB))
+    f.free()
+    assert store.pool_pages == store.capacity_pages
+    assert store.free_pages == store.capacity_pages  # pooled slots are free for any write
+    g = FileData(store)
+    data = pattern(8 * MiB, seed=3)
+    g.write(0, data)
+    assert bytes(g.read(0, 8 * MiB)) == data
+    with pytest.raises(NoSpaceError):
+        g.write(8 * MiB, b"z")
+    store.check_invariants()
+
+
+def test_trim_pool_returns_the_memory() -> None:
+    store = PageStore(512 * MiB, pool_bytes=256 * MiB)
+    f = FileData(store)
+    before = _vm_rss()
+    f.write(0, b"\x5a" * 256 * MiB)
+    f.free()
+    kept = _vm_rss()
+    assert store.pool_pages == 256 * MiB // PAGE_SIZE
+    assert kept - before >= 240 * MiB, (before, kept)  # honest: the pool is resident
+    assert store.trim_pool() == 256 * MiB // PAGE_SIZE
+    assert store.pool_pages == 0
+    assert _vm_rss() - before < 8 * MiB
+    store.check_invariants()
+
+
+def test_pool_bound() -> None:
+    assert pool_bytes_for(64 * MiB) == 4 * MiB
+    assert pool_bytes_for(64 << 30) == 32 * MiB
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(ops, max_size=25))
+def test_filedata_with_a_pool_matches_bytearray_model(steps: list[tuple[str, int, int]]) -> None:
+    """Reused pool slots read as zeros wherever nothing was written."""
+    store = PageStore(16 * MiB, pool_bytes=MiB)
+    f = FileData(store)
+    model = Model()
+    for n, (op, a, b) in enumerate(steps):
+        if op == "write":
+            payload = pattern(b, seed=n)
+            f.write(a, payload)
+            model.write(a, payload)
+        elif op == "truncate":
+            f.truncate(a)
+            model.truncate(a)
+        elif op == "purge":
+            f.purge(a, a + b)
+            model.purge(a, a + b)
+        else:
+            assert bytes(f.read(a, b, purged_as_zeros=True)) == bytes(model.data[a : a + b])
+        store.check_invariants()
+    assert bytes(f.read(0, f.size, purged_as_zeros=True)) == bytes(model.data)
+    f.free()
+    assert store.used_pages == 0
