@@ -8,17 +8,10 @@ from __future__ import annotations
 import os
 
 from tests.integration.conftest import Mounter
+from tests.integration.test_leaks import rss
 from tests.integration.vrange_helpers import PAGE, pattern, stats
 
 MiB = 1 << 20
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def test_freed_pages_up_to_the_bound_are_kept_and_come_back_zeroed(mounter: Mounter) -> None:

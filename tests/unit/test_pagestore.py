@@ -336,10 +336,12 @@ ops = st.one_of(
 )
 
 
+@pytest.mark.parametrize("pool", [0, MiB], ids=["no-pool", "pool"])
 @settings(max_examples=60, deadline=None)
 @given(st.lists(ops, max_size=25))
-def test_filedata_matches_bytearray_model(steps: list[tuple[str, int, int]]) -> None:
-    store = PageStore(16 * MiB)
+def test_filedata_matches_bytearray_model(pool: int, steps: list[tuple[str, int, int]]) -> None:
+    """With a pool too: reused pooled slots read as zeros wherever nothing was written."""
+    store = PageStore(16 * MiB, pool_bytes=pool)
     f = FileData(store)
     model = Model()
     for n, (op, a, b) in enumerate(steps):
@@ -497,29 +499,3 @@ def test_trim_pool_returns_the_memory() -> None:
 def test_pool_bound() -> None:
     assert pool_bytes_for(64 * MiB) == 4 * MiB
     assert pool_bytes_for(64 << 30) == 32 * MiB
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(ops, max_size=25))
-def test_filedata_with_a_pool_matches_bytearray_model(steps: list[tuple[str, int, int]]) -> None:
-    """Reused pool slots read as zeros wherever nothing was written."""
-    store = PageStore(16 * MiB, pool_bytes=MiB)
-    f = FileData(store)
-    model = Model()
-    for n, (op, a, b) in enumerate(steps):
-        if op == "write":
-            payload = pattern(b, seed=n)
-            f.write(a, payload)
-            model.write(a, payload)
-        elif op == "truncate":
-            f.truncate(a)
-            model.truncate(a)
-        elif op == "purge":
-            f.purge(a, a + b)
-            model.purge(a, a + b)
-        else:
-            assert bytes(f.read(a, b, purged_as_zeros=True)) == bytes(model.data[a : a + b])
-        store.check_invariants()
-    assert bytes(f.read(0, f.size, purged_as_zeros=True)) == bytes(model.data)
-    f.free()
-    assert store.used_pages == 0
