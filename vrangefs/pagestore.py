@@ -243,7 +243,7 @@ class PageStore:
         if not slots:
             return
         self.used_pages -= len(slots)
-        slots.sort()
+        slots = sorted(slots)  # a copy: callers count the list they passed
         keep = min(len(slots), self.pool_max - len(self._pool))
         if keep > 0:
             kept = slots[:keep]

@@ -125,6 +125,7 @@ async def relieve(
         pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
         with invalidator.recording() as purged:
             freed = reclaim.for_pressure(pages)
+        reclaim.store.trim_pool()  # what a purge for pressure frees goes back, none to the pool
         await invalidator.settle(purged)
         total += freed
         log.info(

@@ -452,6 +452,10 @@ def test_pool_keeps_freed_memory_up_to_its_bound_and_zeroes_it() -> None:
     f.write(0, b"\xee" * 4 * MiB)
     f.free()
     assert store.pool_pages == MiB // PAGE_SIZE  # the rest went back to the kernel
+    h = FileData(store)
+    h.write(0, b"\xdd" * MiB)
+    assert h.purge(0, CHUNK_PAGES) == CHUNK_PAGES  # counted whether the pool takes them or not
+    assert store.pool_pages == MiB // PAGE_SIZE
     assert store.used_pages == 0
     g = FileData(store)
     g.write(PAGE_SIZE + 10, b"x")  # a partial write into a pooled slot
