@@ -114,13 +114,14 @@ async def relieve(
     Each round returns once the kernel's cache holds none of its purged pages.
     """
     total = 0
-    if probe.available() < config.min_free and (pooled := reclaim.store.trim_pool()):
-        # Freed pages the daemon kept for reuse go back before any data does.
-        log.info("memory pressure: returned %d bytes of pooled free pages", pooled * PAGE_SIZE)
     while len(reclaim.order):
         available = probe.available()
         if available >= config.min_free:
             break
+        if pooled := reclaim.store.trim_pool():
+            # Freed pages the daemon kept for reuse go back before any data does.
+            log.info("memory pressure: returned %d bytes of pooled free pages", pooled * PAGE_SIZE)
+            continue
         wanted = config.min_free + config.min_free // 4 - available
         pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
         with invalidator.recording() as purged:
