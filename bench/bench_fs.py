@@ -54,6 +54,7 @@ RSS_SETTLE_SECONDS = 10.0  # how long to wait for RSS to drop after a delete
 # (key, label) in table order; the key is also the JSON field of each run.
 METRICS: list[tuple[str, str]] = [
     ("write_MBps", "seq write bs=1M (MB/s)"),
+    ("overwrite_MBps", "seq overwrite bs=1M (MB/s)"),
     ("read_cold_MBps", "seq read cold bs=1M (MB/s)"),
     ("read_hot_MBps", "seq read hot bs=1M (MB/s)"),
     ("rand4k_direct_per_s", "rand 4K read O_DIRECT (/s)"),
@@ -427,6 +428,13 @@ class Bench:
                 res["stats_after_write"] = target.stats()
             except BenchError as exc:
                 res["stats_after_write"] = {"error": str(exc)}
+
+        # The same bytes again over the file just written: no memory to fault in, on
+        # tmpfs nor in a daemon, so this is the write path's own cost (fresh writes pay
+        # first touch of memory, slow and erratic on a VM).
+        over = [f"of={big}", "if=/dev/zero", "bs=1M", f"count={count}", "conv=notrunc,fsync"]
+        t = timed(lambda: dd(over, self.size, self.dd_timeout, "sequential overwrite"))
+        res["overwrite_MBps"] = self.size / t / MB
 
         read = [f"if={big}", "of=/dev/null", "bs=1M"]
         drop_caches()

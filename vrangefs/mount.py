@@ -26,7 +26,7 @@ from vrangefs.collector import collector
 from vrangefs.config import MountConfig
 from vrangefs.memory import MemoryProbe
 from vrangefs.operations import Operations
-from vrangefs.pagestore import PageStore
+from vrangefs.pagestore import PageStore, pool_bytes_for
 from vrangefs.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ MAX_REQUEST_TASKS = 2**31 - 1  # pyfuse3 takes a C int: in effect, no limit
 # max_pages = 256, i.e. 1 MiB).  The kernel gives a FUSE mount 128 KiB and caps it at
 # that in the INIT exchange (neither pyfuse3 nor libfuse can offer more), so a cold
 # sequential read reaches the daemon as 128 KiB READs.  Root can raise it afterwards
-# through the mount's backing device in sysfs; then each READ is 1 MiB.
+# through the mount's backing device in sysfs; then each READ is 1 MiB.  Larger windows
+# (2-8 MiB: several READs in flight) and a larger max_background were measured and read no
+# faster: see bench/results/issue13-datapath/.
 READ_AHEAD_KB = 1024
 
 
@@ -50,7 +52,9 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 
 def build(config: MountConfig) -> Operations:
-    store = PageStore(config.memory_cap)
+    pool = pool_bytes_for(config.memory_cap)
+    store = PageStore(config.memory_cap, pool)
+    log.info("keeping up to %d bytes of freed pages faulted in for the next writes", pool)
     volume = Volume(
         store,
         root_mode=config.root_mode,

@@ -9,6 +9,15 @@ exact (one slot = one page of data) and why freeing really lowers the daemon's
 RSS, which a heap of ``bytes`` objects cannot promise: malloc keeps freed
 chunks in its arenas.
 
+The one exception is a small, bounded *pool* of freed slots that keep their
+memory (``pool_bytes``, see :func:`pool_bytes_for`): on a VM, faulting fresh
+memory in costs several times the copy of the data, and a file written after
+another was deleted or purged would pay it again.  A pooled slot is zeroed when
+handed out (a memset, far cheaper than a fault), counts in ``pool_pages`` (the
+stats show it), never holds data, and lies inside the arena, so resident data
+plus the pool never exceed the cap.  Memory pressure empties the pool first
+(:meth:`PageStore.trim_pool`).
+
 Each file has a :class:`FileData` page table: a dict of chunks, each an
 ``array('i')`` of CHUNK_PAGES entries holding a slot number, :data:`HOLE`
 (never written, reads as zeros, costs nothing) or :data:`PURGED` (data was
@@ -25,7 +34,7 @@ from __future__ import annotations
 import bisect
 import mmap
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vrangefs.protocol import PAGE_SIZE
 
@@ -57,6 +66,44 @@ _POPULATE_MIN = 16  # below this many pages a system call costs more than the fa
 _EMPTY_CHUNK = array("i", [HOLE]) * CHUNK_PAGES
 CHUNKS_PER_STEP = 64  # chunks freed per step of a sliced truncate (each ~5 us)
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_ZEROS = bytes(CHUNK_PAGES * PAGE_SIZE)  # calloc'ed: reading it touches no memory of ours
+
+POOL_MAX = 32 << 20
+"""The largest pool of freed, still-faulted slots a daemon keeps (bytes)."""
+POOL_CAP_SHARE = 16
+"""... and at most this fraction (1/16) of the memory cap."""
+
+
+def pool_bytes_for(cap_bytes: int) -> int:
+    """The daemon's pool of freed, still-faulted pages: 32 MiB, or 1/16 of a smaller cap
+    (within the 50 MiB a benchmark allows the daemon over its start after a delete)."""
+    return min(POOL_MAX, cap_bytes // POOL_CAP_SHARE)
+
+
+def _missing_in(chunk: array[int], lo: int, hi: int) -> int:
+    """How many of chunk[lo:hi] hold no data (holes and purged pages), counted in C."""
+    part = chunk[lo:hi]
+    return part.count(HOLE) + part.count(PURGED)
+
+
+def _consecutive(chunk: array[int], lo: int, hi: int, slot: int) -> bool:
+    """Whether chunk[lo:hi] is slot, slot + 1, ...: compared in C, not page by page."""
+    return chunk[hi - 1] == slot + (hi - 1 - lo) and chunk[lo:hi] == array(
+        "i", range(slot, slot + hi - lo)
+    )
+
+
+def _merged(runs: Iterator[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """*runs* with neighbours joined where the slots go on across a chunk border."""
+    out: list[tuple[int, int, int]] = []
+    for page, count, slot in runs:
+        if out:
+            p_page, p_count, p_slot = out[-1]
+            if (p_slot >= 0 and p_slot + p_count == slot) if slot >= 0 else p_slot == slot:
+                out[-1] = (p_page, p_count + count, p_slot)
+                continue
+        out.append((page, count, slot))
+    return out
 
 
 class NoSpaceError(Exception):
@@ -84,7 +131,8 @@ def pages_spanned(size: int) -> int:
 class PageStore:
     """The arena and its accounting: the one place that allocates page memory."""
 
-    def __init__(self, cap_bytes: int) -> None:
+    def __init__(self, cap_bytes: int, pool_bytes: int = 0) -> None:
+        """*pool_bytes*: how much freed memory to keep faulted for reuse (default none)."""
         if cap_bytes < PAGE_SIZE:
             raise ValueError(f"memory cap {cap_bytes} is smaller than one page ({PAGE_SIZE})")
         self.capacity_pages = cap_bytes // PAGE_SIZE
@@ -96,6 +144,9 @@ class PageStore:
         # pushed highest slot first.  Every slot in here has been madvised away
         # and reads as zeros.
         self._free: list[int] = []
+        # The pool: free slots whose memory was kept (old bytes in them), in the same order.
+        self._pool: list[int] = []
+        self.pool_max = max(pool_bytes, 0) // PAGE_SIZE
         self._bump = 0  # slots >= _bump have never been handed out
         self.used_pages = 0
         self.chunks = 0  # page-table chunks of all files (metadata, see vrangefs.budget)
@@ -110,6 +161,11 @@ class PageStore:
     def free_pages(self) -> int:
         return self.capacity_pages - self.used_pages
 
+    @property
+    def pool_pages(self) -> int:
+        """Free slots whose memory the daemon still holds (in its RSS, never data)."""
+        return len(self._pool)
+
     # -- slots ------------------------------------------------------------
     def alloc_many(self, count: int) -> list[int]:
         """Hand out *count* zero-filled slots, ascending where possible.
@@ -118,13 +174,14 @@ class PageStore:
         """
         if count > self.free_pages:
             raise NoSpaceError(count, self.free_pages)
-        free = self._free
-        taken = min(count, len(free))
-        slots: list[int] = []
-        if taken:
-            slots = free[-taken:]
-            del free[-taken:]
-            slots.reverse()
+        slots = self._take(self._pool, count)
+        if slots:
+            self._fill(slots, self._zero)
+        if len(slots) < count:
+            reused = self._take(self._free, count - len(slots))
+            self._fill(reused, self._populate)
+            slots += reused
+        taken = len(slots)
         if taken < count:
             fresh = count - taken
             slots.extend(range(self._bump, self._bump + fresh))
@@ -132,6 +189,39 @@ class PageStore:
             self._bump += fresh
         self.used_pages += count
         return slots
+
+    @staticmethod
+    def _take(free: list[int], count: int) -> list[int]:
+        """Pop up to *count* slots off a free list, ascending."""
+        taken = min(count, len(free))
+        if not taken:
+            return []
+        slots = free[-taken:]
+        del free[-taken:]
+        slots.reverse()
+        return slots
+
+    @staticmethod
+    def _fill(slots: list[int], fn: Callable[[int, int], None]) -> None:
+        """Call fn(first, count) for each run of consecutive slots of ascending *slots*."""
+        if not slots:
+            return
+        start = prev = slots[0]
+        for slot in slots[1:]:
+            if slot != prev + 1:
+                fn(start, prev - start + 1)
+                start = slot
+            prev = slot
+        fn(start, prev - start + 1)
+
+    def _zero(self, slot: int, count: int) -> None:
+        """Zero pooled slots (their memory is faulted: a memset, not a fault per page)."""
+        view = self.view
+        pos, end = slot << PAGE_SHIFT, (slot + count) << PAGE_SHIFT
+        while pos < end:
+            step = min(end - pos, len(_ZEROS))
+            view[pos : pos + step] = _ZEROS[:step]
+            pos += step
 
     def _populate(self, slot: int, count: int) -> None:
         """Fault never-used slots in with one system call instead of one fault per page.
@@ -148,26 +238,44 @@ class PageStore:
             self._can_populate = False
 
     def release(self, slots: list[int]) -> None:
-        """Give slots back; their memory returns to the kernel at once."""
+        """Give slots back: up to the pool's room keep their memory, the rest returns to
+        the kernel at once."""
         if not slots:
             return
-        slots.sort()
-        madvise = self._mm.madvise
-        start = prev = slots[0]
-        for slot in slots[1:]:
-            if slot != prev + 1:
-                madvise(mmap.MADV_DONTNEED, start << PAGE_SHIFT, (prev - start + 1) << PAGE_SHIFT)
-                start = slot
-            prev = slot
-        madvise(mmap.MADV_DONTNEED, start << PAGE_SHIFT, (prev - start + 1) << PAGE_SHIFT)
+        self.used_pages -= len(slots)
+        slots = sorted(slots)  # a copy: callers count the list they passed
+        keep = min(len(slots), self.pool_max - len(self._pool))
+        if keep > 0:
+            kept = slots[:keep]
+            del slots[:keep]
+            kept.reverse()
+            self._pool.extend(kept)
+        self._discard(slots)
+
+    def _discard(self, slots: list[int]) -> None:
+        """madvise ascending *slots* away and put them on the free list."""
+        if not slots:
+            return
+        self._fill(slots, self._dontneed)
         slots.reverse()
         self._free.extend(slots)
-        self.used_pages -= len(slots)
+
+    def _dontneed(self, slot: int, count: int) -> None:
+        self._mm.madvise(mmap.MADV_DONTNEED, slot << PAGE_SHIFT, count << PAGE_SHIFT)
+
+    def trim_pool(self) -> int:
+        """Return the pool's memory to the kernel (under memory pressure); pages freed."""
+        pool = self._pool
+        self._pool = []
+        pool.sort()
+        self._discard(pool)
+        return len(pool)
 
     def check_invariants(self) -> None:
         assert 0 <= self.used_pages <= self.capacity_pages
-        assert len(self._free) == len(set(self._free))
-        assert self.used_pages == self._bump - len(self._free)
+        assert len(self._free) + len(self._pool) == len(set(self._free) | set(self._pool))
+        assert len(self._pool) <= self.pool_max
+        assert self.used_pages == self._bump - len(self._free) - len(self._pool)
 
 
 class PageTally:
@@ -237,12 +345,7 @@ class FileData:
             lo = max(first - (ci << CHUNK_SHIFT), 0)
             hi = min(last - (ci << CHUNK_SHIFT), CHUNK_MASK) + 1
             chunk = self._chunks.get(ci)
-            if chunk is None:
-                needed += hi - lo
-            else:
-                for i in range(lo, hi):
-                    if chunk[i] < 0:
-                        needed += 1
+            needed += hi - lo if chunk is None else _missing_in(chunk, lo, hi)
         return needed
 
     def runs(self, first: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -265,6 +368,9 @@ class FileData:
             stop = chunk_end - base
             while i < stop:
                 slot = chunk[i]
+                if slot >= 0 and _consecutive(chunk, i, stop, slot):
+                    yield base + i, stop - i, slot  # the usual case: one run, compared in C
+                    break
                 j = i + 1
                 if slot >= 0:
                     while j < stop and chunk[j] == slot + (j - i):
@@ -318,7 +424,7 @@ class FileData:
         first = off >> PAGE_SHIFT
         end = ((off + length - 1) >> PAGE_SHIFT) + 1
         view = self.store.view
-        pieces = list(self.runs(first, end))
+        pieces = _merged(self.runs(first, end))
         if not purged_as_zeros:
             for page, _count, slot in pieces:
                 if slot == PURGED:
@@ -370,19 +476,22 @@ class FileData:
                 store.chunks += 1
                 chunk[lo:hi] = array("i", store.alloc_many(hi - lo))
                 self._resident(hi - lo)
-            else:
+            elif _missing_in(chunk, lo, hi):
                 missing = [i for i in range(lo, hi) if chunk[i] < 0]
-                if missing:  # holes and purged pages get fresh, zero-filled slots
-                    for i, slot in zip(missing, store.alloc_many(len(missing)), strict=True):
-                        chunk[i] = slot
-                    self._resident(len(missing))
+                # holes and purged pages get fresh, zero-filled slots
+                for i, slot in zip(missing, store.alloc_many(len(missing)), strict=True):
+                    chunk[i] = slot
+                self._resident(len(missing))
             # Copy runs of consecutive slots with one slice assignment each.
             i = lo
             while i < hi:
                 slot = chunk[i]
-                j = i + 1
-                while j < hi and chunk[j] == slot + (j - i):
-                    j += 1
+                if _consecutive(chunk, i, hi, slot):
+                    j = hi  # the usual case: one run, found without a loop in Python
+                else:
+                    j = i + 1
+                    while j < hi and chunk[j] == slot + (j - i):
+                        j += 1
                 run_lo = max(pos, 0)
                 run_hi = min(pos + ((j - i) << PAGE_SHIFT), length)
                 dst = (slot << PAGE_SHIFT) + (run_lo - pos)

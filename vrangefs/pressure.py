@@ -118,10 +118,15 @@ async def relieve(
         available = probe.available()
         if available >= config.min_free:
             break
+        if pooled := reclaim.store.trim_pool():
+            # Freed pages the daemon kept for reuse go back before any data does.
+            log.info("memory pressure: returned %d bytes of pooled free pages", pooled * PAGE_SIZE)
+            continue
         wanted = config.min_free + config.min_free // 4 - available
         pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
         with invalidator.recording() as purged:
             freed = reclaim.for_pressure(pages)
+        reclaim.store.trim_pool()  # what a purge for pressure frees goes back, none to the pool
         await invalidator.settle(purged)
         total += freed
         log.info(

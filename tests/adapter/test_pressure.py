@@ -167,3 +167,36 @@ def test_relieve_with_nothing_volatile_reads_nothing() -> None:
 
     assert run(body) == (0, 0)
     fs.volume.check_invariants()
+
+
+class PoolProbe(FakeProbe):
+    """The same, counting the pages the daemon keeps in its pool as used (they are)."""
+
+    def available(self) -> int:
+        return super().available() - self.store.pool_pages * P
+
+
+@pytest.mark.parametrize("short", [2, 5])
+def test_relieve_returns_the_pool_before_purging(short: int) -> None:
+    """Pooled free pages go back first; data is purged only if that was not enough, and
+    what such a purge frees is not pooled again."""
+    fs = Fs()
+    store = fs.volume.store
+    config = PressureConfig(min_free=8 * P)
+
+    async def body() -> list[object]:
+        async with serving(fs):
+            files, _ = await six_units(fs)
+            store.pool_max = 4
+            store.release(store.alloc_many(4))  # four freed pages kept in the pool
+            assert store.pool_pages == 4
+            outside = (store.used_pages + store.pool_pages) * P + config.min_free - short * P
+            probe = PoolProbe(store, fs, outside)
+            freed = await pressure.relieve(fs.volume.reclaim, probe, config, fs.ops.invalidator)
+            return [freed, purged_files(fs, files), store.pool_pages]
+
+    # 2 pages short: the pool's 4 are enough. 5 short: then one unit (2 pages) of data would
+    # still leave 1 short, so two go (the oldest marks, files 2 and 0), wanting 1.25 x.
+    expected = [0, [], 0] if short == 2 else [4, [0, 2], 0]
+    assert run(body) == expected
+    fs.volume.check_invariants()

@@ -21,6 +21,7 @@ from vrangefs.pagestore import (
     PageStore,
     PurgedPageError,
     pages_spanned,
+    pool_bytes_for,
 )
 
 MiB = 1 << 20
@@ -92,9 +93,7 @@ def test_resident_accounting_is_exact(store: PageStore, off: int, length: int, p
         (12345, 3 * CHUNK + 777),
     ],
 )
-def test_write_read_round_trip_across_boundaries(
-    store: PageStore, off: int, length: int
-) -> None:
+def test_write_read_round_trip_across_boundaries(store: PageStore, off: int, length: int) -> None:
     f = FileData(store)
     data = pattern(length, seed=off)
     assert f.write(off, data) == length
@@ -337,10 +336,12 @@ ops = st.one_of(
 )
 
 
+@pytest.mark.parametrize("pool", [0, MiB], ids=["no-pool", "pool"])
 @settings(max_examples=60, deadline=None)
 @given(st.lists(ops, max_size=25))
-def test_filedata_matches_bytearray_model(steps: list[tuple[str, int, int]]) -> None:
-    store = PageStore(16 * MiB)
+def test_filedata_matches_bytearray_model(pool: int, steps: list[tuple[str, int, int]]) -> None:
+    """With a pool too: reused pooled slots read as zeros wherever nothing was written."""
+    store = PageStore(16 * MiB, pool_bytes=pool)
     f = FileData(store)
     model = Model()
     for n, (op, a, b) in enumerate(steps):
@@ -414,3 +415,91 @@ def test_a_file_freed_during_a_truncate_job_ends_it(store: PageStore) -> None:
     f.free()
     assert list(job) == [None]  # its last step finds nothing left to free
     assert f.resident_pages == store.used_pages == 0
+
+
+def test_sequential_read_across_a_chunk_border_is_one_view(store: PageStore) -> None:
+    """Slots of a sequential write go on across chunks: a READ spanning the border is a
+    view into the arena, not a copy."""
+    f = FileData(store)
+    data = pattern(3 * CHUNK)
+    for off in range(0, len(data), CHUNK):
+        f.write(off, data[off : off + CHUNK])
+    got = f.read(CHUNK // 2, CHUNK)
+    assert isinstance(got, memoryview)
+    assert bytes(got) == data[CHUNK // 2 : CHUNK // 2 + CHUNK]
+
+
+def test_purged_run_is_not_joined_with_the_slot_after_it(store: PageStore) -> None:
+    """Pages 0-3 purged, page 4 in slot 2 (= PURGED + 4): two runs, not one."""
+    f = FileData(store)
+    f.write(0, pattern(4 * PAGE_SIZE))  # slots 0-3
+    f.purge(0, 4)  # frees slots 0-3
+    f.write(20 * PAGE_SIZE, bytes(2 * PAGE_SIZE))  # takes slots 0 and 1
+    page4 = pattern(PAGE_SIZE, seed=7)
+    f.write(4 * PAGE_SIZE, page4)  # slot 2
+    assert f.slot_of(4) == PURGED + 4
+    got = bytes(f.read(0, 5 * PAGE_SIZE, purged_as_zeros=True))
+    assert got == bytes(4 * PAGE_SIZE) + page4
+    with pytest.raises(PurgedPageError):
+        f.read(0, 5 * PAGE_SIZE)
+    assert f.pages_needed(0, 5 * PAGE_SIZE) == 4
+
+
+# -- the pool of freed, still-faulted slots ----------------------------------------------
+def test_pool_keeps_freed_memory_up_to_its_bound_and_zeroes_it() -> None:
+    store = PageStore(64 * MiB, pool_bytes=MiB)
+    f = FileData(store)
+    f.write(0, b"\xee" * 4 * MiB)
+    f.free()
+    assert store.pool_pages == MiB // PAGE_SIZE  # the rest went back to the kernel
+    h = FileData(store)
+    h.write(0, b"\xdd" * MiB)
+    assert h.purge(0, CHUNK_PAGES) == CHUNK_PAGES  # counted whether the pool takes them or not
+    assert store.pool_pages == MiB // PAGE_SIZE
+    assert store.used_pages == 0
+    g = FileData(store)
+    g.write(PAGE_SIZE + 10, b"x")  # a partial write into a pooled slot
+    assert bytes(g.read(0, 2 * PAGE_SIZE)) == bytes(PAGE_SIZE + 10) + b"x"  # up to the size
+    g.write(3 * PAGE_SIZE, b"y" * 4 * MiB)  # the pool's remaining slots, then free ones
+    assert store.pool_pages == 0
+    assert bytes(g.read(0, 3 * PAGE_SIZE)) == bytes(PAGE_SIZE + 10) + b"x" + bytes(
+        2 * PAGE_SIZE - 11
+    )
+    assert store.used_pages + store.pool_pages <= store.capacity_pages
+    store.check_invariants()
+
+
+def test_pool_pages_are_free_pages_under_the_cap() -> None:
+    store = PageStore(8 * MiB, pool_bytes=8 * MiB)
+    f = FileData(store)
+    f.write(0, pattern(8 * MiB))
+    f.free()
+    assert store.pool_pages == store.capacity_pages
+    assert store.free_pages == store.capacity_pages  # pooled slots are free for any write
+    g = FileData(store)
+    data = pattern(8 * MiB, seed=3)
+    g.write(0, data)
+    assert bytes(g.read(0, 8 * MiB)) == data
+    with pytest.raises(NoSpaceError):
+        g.write(8 * MiB, b"z")
+    store.check_invariants()
+
+
+def test_trim_pool_returns_the_memory() -> None:
+    store = PageStore(512 * MiB, pool_bytes=256 * MiB)
+    f = FileData(store)
+    before = _vm_rss()
+    f.write(0, b"\x5a" * 256 * MiB)
+    f.free()
+    kept = _vm_rss()
+    assert store.pool_pages == 256 * MiB // PAGE_SIZE
+    assert kept - before >= 240 * MiB, (before, kept)  # honest: the pool is resident
+    assert store.trim_pool() == 256 * MiB // PAGE_SIZE
+    assert store.pool_pages == 0
+    assert _vm_rss() - before < 8 * MiB
+    store.check_invariants()
+
+
+def test_pool_bound() -> None:
+    assert pool_bytes_for(64 * MiB) == 4 * MiB
+    assert pool_bytes_for(64 << 30) == 32 * MiB
