@@ -45,7 +45,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 MB = 1_000_000
 
-FILESYSTEMS = ("tmpfs", "ceiling", "ceiling-mt", "ceiling-dio", "vrangefs")
+FILESYSTEMS = ("tmpfs", "floor", "ceiling", "ceiling-mt", "ceiling-dio", "vrangefs")
 CEILING_MT_TASKS = 2**31 - 1  # as vrangefs/mount.py: no cap on request tasks
 RSS_SLACK = 50 * MiB  # allowed daemon overhead over the stored bytes, and drift after a delete
 RSS_FACTOR = 1.05  # allowed daemon RSS per stored byte
@@ -213,10 +213,16 @@ class Tmpfs(Target):
 
 
 class Ceiling(Target):
-    """bench/ceiling.py as a child process in its own session (Ctrl-C is ours to relay)."""
+    """bench/ceiling.py as a child process in its own session (Ctrl-C is ours to relay);
+    with *floor*, that program (bench/floor.c, built) instead."""
 
     def __init__(
-        self, mountpoint: Path, direct_io: bool, log_path: Path, max_tasks: int | None = None
+        self,
+        mountpoint: Path,
+        direct_io: bool,
+        log_path: Path,
+        max_tasks: int | None = None,
+        floor: Path | None = None,
     ) -> None:
         super().__init__(mountpoint)
         self.name = "ceiling-dio" if direct_io else "ceiling-mt" if max_tasks else "ceiling"
@@ -226,6 +232,9 @@ class Ceiling(Target):
             argv.append("--direct-io")
         if max_tasks:
             argv.append(f"--max-tasks={max_tasks}")
+        if floor is not None:
+            self.name = "floor"
+            argv = [str(floor), str(mountpoint)]
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -524,6 +533,8 @@ def table(med: dict[str, dict[str, float]], counts: dict[str, int]) -> str:
     ratios = [(a, b) for a, b in pairs if a in med and b in med]
     if "vrangefs" not in med and "ceiling" in med and "tmpfs" in med:
         ratios.append(("ceiling", "tmpfs"))
+    # What a pyfuse3 filesystem can reach of tmpfs, and what one in C can (bench/floor.c).
+    ratios += [(a, "tmpfs") for a in ("ceiling-mt", "floor") if a in med and "tmpfs" in med]
     head = ["figure (median)", *(f"{fs} [{counts[fs]}]" for fs in names)]
     head += [f"{a}/{b}" for a, b in ratios]
     rows = [head]
@@ -668,9 +679,21 @@ def mount(fs: str, mountpoint: Path, opts: argparse.Namespace, workdir: Path) ->
     if fs in ("ceiling", "ceiling-mt", "ceiling-dio"):
         tasks = CEILING_MT_TASKS if fs == "ceiling-mt" else None
         return Ceiling(mountpoint, fs == "ceiling-dio", workdir / f"{fs}.log", tasks)
+    if fs == "floor":
+        return Ceiling(mountpoint, False, workdir / "floor.log", floor=build_floor(workdir))
     command = vrangefs_command()
     assert command is not None
     return Vrangefs(mountpoint, command, opts.memory_cap)
+
+
+def build_floor(workdir: Path) -> Path:
+    """Compile bench/floor.c (libfuse3's headers and pkg-config needed) into *workdir*."""
+    binary = workdir / "floor.bin"  # workdir / "floor" is its mount point
+    if not binary.exists():
+        flags = run(["pkg-config", "--cflags", "--libs", "fuse3"], 30, "pkg-config fuse3")
+        argv = ["cc", "-O2", "-Wall", "-o", str(binary), str(BENCH_DIR / "floor.c")]
+        run([*argv, *flags.stdout.split()], 120, "cc bench/floor.c")
+    return binary
 
 
 def main(args: list[str] | None = None) -> int:

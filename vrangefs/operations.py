@@ -282,13 +282,12 @@ class Operations(pyfuse3.Operations):
                 attr.st_nlink = ghost.ghosts
                 attr.entry_timeout = attr.attr_timeout = 0
                 return attr
-        try:
-            inode = self.volume.lookup(parent_inode, name)
-        except FsError as e:
-            if e.errno != errno.ENOENT or name in (b".", b".."):
-                raise
-            return _negative_entry()
-        return self.attributes(inode)
+        inode = self.volume.find(parent_inode, name)
+        if inode is not None:
+            return self.attributes(inode)
+        if name in (b".", b".."):
+            raise FsError(errno.ENOENT, f"no {name!r} in {parent_inode}")
+        return _NEGATIVE_ENTRY
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         """FORGET has no reply: pyfuse3 awaits it in its main loop, where any exception,
@@ -519,7 +518,10 @@ class Operations(pyfuse3.Operations):
                     }
                 )
             return value
-        return self.volume.getxattr(inode, name)
+        value = self.volume.find_xattr(inode, name)
+        if value is None:  # not FsError: this is the cheap path security.capability takes
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
 
     @_handler
     async def setxattr(
@@ -661,6 +663,10 @@ def _negative_entry() -> pyfuse3.EntryAttributes:
     attr.entry_timeout = NEGATIVE_TIMEOUT
     attr.attr_timeout = 0
     return attr
+
+
+# One answer serves every miss: pyfuse3 copies it into the reply and nobody changes it.
+_NEGATIVE_ENTRY = _negative_entry()
 
 
 def _delete_entry(parent: int, name: bytes, ino: int) -> None:

@@ -204,9 +204,26 @@ class Volume:
 
     def lookup(self, parent: int, name: bytes) -> Inode:
         """Find *name* in *parent* and count one more kernel reference to it."""
+        inode = self.find(parent, name)
+        if inode is None:
+            raise FsError(errno.ENOENT)
+        return inode
+
+    def find(self, parent: int, name: bytes) -> Inode | None:
+        """:meth:`lookup`, but None (and nothing counted) for a name that is not there.
+
+        The kernel looks up every new name before creating it, so misses are as common
+        as creates: answered without raising (an exception costs more than the lookup).
+        """
         if len(name) > NAME_MAX:  # the kernel lets up to 1024 bytes through to FUSE
             raise FsError(errno.ENAMETOOLONG)
-        inode = self.inode(parent) if name == b"." else self._child(parent, name)
+        if name == b".":
+            inode = self.inode(parent)
+        else:
+            ino = self._dir(parent)[1].entries.get(name)
+            if ino is None:
+                return None
+            inode = self.inode(ino)
         inode.lookups += 1
         return inode
 
@@ -296,7 +313,8 @@ class Volume:
         inode = self._new_child(parent, name, mode, caller, rdev, extra)
         if stat.S_ISREG(mode):
             inode.data = FileData(self.store)
-            self._cache_check(inode)
+            if self.inode(parent).cache_dir:  # else its one name is in no cache directory
+                self._cache_check(inode)
         return inode
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
@@ -871,15 +889,22 @@ class Volume:
 
     # -- extended attributes ------------------------------------------------------
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        inode = self.inode(ino)
-        xattrs = inode.xattrs
-        if xattrs is None or name not in xattrs:
-            # Checked only on a miss: the kernel asks for security.capability on
-            # every write, and that answer must stay cheap.
-            if not name.startswith(XATTR_NAMESPACES):
-                raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} not supported")
+        value = self.find_xattr(ino, name)
+        if value is None:
             raise FsError(errno.ENODATA)
-        return xattrs[name]
+        return value
+
+    def find_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """:meth:`getxattr`, but None for an attribute that is not there.
+
+        The kernel asks for security.capability before every write(2): that miss is
+        answered without raising, and the namespace is checked only on a miss.
+        """
+        xattrs = self.inode(ino).xattrs
+        value = None if xattrs is None else xattrs.get(name)
+        if value is None and not name.startswith(XATTR_NAMESPACES):
+            raise FsError(errno.EOPNOTSUPP, f"xattr namespace of {name!r} not supported")
+        return value
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         inode = self.inode(ino)
