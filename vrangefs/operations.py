@@ -518,10 +518,10 @@ class Operations(pyfuse3.Operations):
                     }
                 )
             return value
-        value = self.volume.find_xattr(inode, name)
-        if value is None:  # not FsError: this is the cheap path security.capability takes
+        stored = self.volume.find_xattr(inode, name)
+        if stored is None:  # not FsError: this is the cheap path security.capability takes
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-        return value
+        return stored
 
     @_handler
     async def setxattr(
