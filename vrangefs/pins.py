@@ -219,9 +219,8 @@ class PinTable:
     def release(self, tgid: int, ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
         """Drop all of *tgid*'s pins on *ranges* (a part of :meth:`owned`), counts and all.
 
-        For releasing the pins of an exited process in slices: each call costs about
-        the number of ranges. Ranges no longer pinned (their inode was freed) are skipped:
-        returns the ones dropped.
+        Ranges no longer pinned (their inode was freed) are skipped: returns the ones
+        dropped.
         """
         dropped = []
         for ino, start, end in ranges:
@@ -230,11 +229,33 @@ class PinTable:
             pin = None if pins is None else pins.pins.get(key)
             if pins is None or pin is None:
                 continue  # its inode was freed meanwhile, pins and all
-            self._drop(ino, pins, key)
-            self.pins -= pin.count
-            self.released_by_exit += pin.count
+            self._release_pin(ino, pins, key, pin)
             dropped.append((ino, start, end))
         return dropped
+
+    def release_some(self, tgid: int, count: int) -> list[tuple[int, int, int]]:
+        """Drop all of *tgid*'s pins on up to *count* of its ranges, counts and all;
+        returns those ranges (none once it holds no pin).
+
+        For releasing the pins of an exited process in slices: each call costs about
+        *count*, however many it holds, and takes its ranges out of the owner index
+        as it goes, so no step copies or frees the whole set (for 500,000 pins a
+        list of them cost 0.14 s to free in one step).
+        """
+        owned = self._owners.get(tgid)
+        dropped: list[tuple[int, int, int]] = []
+        while owned and len(dropped) < count:
+            ino, start, end = rng = owned.pop()
+            pins = self._inodes[ino]  # an inode's pins leave the owner index with it
+            key = (start, end, tgid)
+            self._release_pin(ino, pins, key, pins.pins[key])
+            dropped.append(rng)
+        return dropped
+
+    def _release_pin(self, ino: int, pins: InodePins, key: tuple[int, int, int], pin: _Pin) -> None:
+        self._drop(ino, pins, key)
+        self.pins -= pin.count
+        self.released_by_exit += pin.count
 
     def forget_inode(self, ino: int) -> None:
         """Drop every pin of an inode that is being freed."""

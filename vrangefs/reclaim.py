@@ -311,10 +311,12 @@ class Reclaim:
 
         Its remaining pins hold their pages meanwhile, as if it were still exiting.
         """
-        ranges = self.pins.owned(tgid)
-        for i in range(0, len(ranges), per_step):
+        while True:
             before = self.pins.pins
-            for ino, start, end in self.pins.release(tgid, ranges[i : i + per_step]):
+            released = self.pins.release_some(tgid, per_step)
+            if not released:
+                return
+            for ino, start, end in released:
                 self._released(ino, start, end)
             yield before - self.pins.pins
 

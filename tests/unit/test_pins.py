@@ -110,6 +110,31 @@ def test_release_owner_drops_every_pin_of_the_process() -> None:
     table.check_invariants()
 
 
+def test_release_some_takes_an_exited_process_apart_a_few_ranges_at_a_time() -> None:
+    """Each call drops the whole count on at most *count* ranges, leaves the rest
+    pinned, and the last one that empties the owner tells the listener."""
+    table = PinTable()
+    gone = Gone()
+    table.listener = gone
+    for page in range(5):
+        table.pin(1, page, page + 1, A, UID)
+    table.pin(1, 0, 1, A, UID)  # counted twice
+    table.pin(2, 0, 1, B, UID)
+    released: list[tuple[int, int, int]] = []
+    for left in (3, 1):
+        step = table.release_some(A, 2)
+        assert len(step) == 2 and not set(step) & set(released)
+        released += step
+        assert len(table.owned(A)) == left and gone.owners == []
+        table.check_invariants()
+    released += table.release_some(A, 2)
+    assert sorted(released) == [(1, p, p + 1) for p in range(5)]
+    assert (table.pins, table.released_by_exit, gone.owners) == (1, 6, [A])
+    assert not table.covers(1, 0, 5) and table.covers(2, 0, 1)
+    assert table.release_some(A, 2) == []
+    table.check_invariants()
+
+
 def test_an_exited_process_is_released_in_parts() -> None:
     """release() of a part of owned() leaves the rest pinned and skips ranges whose
     inode was freed in between."""
