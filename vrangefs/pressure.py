@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PSI_TRIGGER = b"some 100000 1000000"  # 100 ms of stall within any 1 s window
 ROUND_PAGES = 65536  # purge at most 256 MiB between two readings
+PURGES_PER_STEP = 32  # units or cache files purged between two chances for requests to run
 
 
 class PsiTrigger:
@@ -103,6 +104,20 @@ async def watch(
             trigger.close()
 
 
+async def _purging(reclaim: Reclaim, pages: int, invalidator: Invalidator) -> tuple[int, set[int]]:
+    """Purge *pages* pages for pressure, PURGES_PER_STEP units or files per step with
+    requests served in between (a round of 65,536 one-page units is a second of work);
+    returns the pages freed and the inodes purged."""
+    freed = 0
+    inodes: set[int] = set()
+    while freed < pages and len(reclaim.order):
+        with invalidator.recording() as purged:
+            freed += reclaim.for_pressure(pages - freed, PURGES_PER_STEP)
+        inodes |= purged
+        await trio.sleep(0)
+    return freed, inodes
+
+
 async def relieve(
     reclaim: Reclaim,
     probe: MemoryProbe,
@@ -124,8 +139,7 @@ async def relieve(
             continue
         wanted = config.min_free + config.min_free // 4 - available
         pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
-        with invalidator.recording() as purged:
-            freed = reclaim.for_pressure(pages)
+        freed, purged = await _purging(reclaim, pages, invalidator)
         reclaim.store.trim_pool()  # what a purge for pressure frees goes back, none to the pool
         await invalidator.settle(purged)
         total += freed

@@ -517,11 +517,17 @@ class Reclaim:
             freed += got
         return freed
 
-    def for_pressure(self, pages: int) -> int:
-        """Purge units, oldest mark first, until *pages* pages are freed or none is left."""
+    def for_pressure(self, pages: int, purges: int | None = None) -> int:
+        """Purge units, oldest mark first, until *pages* pages are freed or none is left,
+        or *purges* units or files have gone (a step of a longer relief)."""
         freed = 0
-        while freed < pages and (got := self._purge_oldest(PurgeCause.PRESSURE)) is not None:
+        while freed < pages and purges != 0:
+            got = self._purge_oldest(PurgeCause.PRESSURE)
+            if got is None:
+                break
             freed += got
+            if purges is not None:
+                purges -= 1
         return freed
 
     def purge_all(self) -> int:

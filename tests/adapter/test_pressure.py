@@ -117,6 +117,37 @@ def test_relieve_awaits_the_flush_of_each_round(monkeypatch: pytest.MonkeyPatch)
     fs.volume.check_invariants()
 
 
+def test_relieve_lets_requests_run_between_steps_of_a_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A round is purged PURGES_PER_STEP units at a time: another task runs between
+    them and sees the round half done (one step of 65,536 one-page units would hold
+    every request for a second)."""
+    monkeypatch.setattr(pressure, "PURGES_PER_STEP", 2)
+    fs = Fs()
+    config = PressureConfig(min_free=8 * P)
+
+    async def body() -> list[object]:
+        seen: set[int] = set()
+        async with serving(fs) as nursery:
+            files, _ = await six_units(fs)
+            probe = probe_short_by(fs, 9, config.min_free)  # one round wants all 12 pages
+            relief = start(
+                nursery,
+                lambda: pressure.relieve(fs.volume.reclaim, probe, config, fs.ops.invalidator),
+            )
+            while not relief.done:
+                seen.add(len(purged_files(fs, files)))
+                await trio.sleep(0)
+            freed = await relief.wait()
+        return [freed, any(0 < n < 6 for n in seen), len(probe.readings)]
+
+    # One reading, one round of 12 pages in three steps of two units. Between the steps
+    # the other task sees 2 or 4 files purged (trio shuffles which runs first in a batch).
+    assert run(body) == [12, True, 1]
+    fs.volume.check_invariants()
+
+
 def test_relieve_stops_when_nothing_is_left() -> None:
     fs = Fs()
     config = PressureConfig(min_free=1 << 40)  # never reached
