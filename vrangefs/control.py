@@ -30,6 +30,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 from vrangefs import protocol
 from vrangefs.collector import collector
@@ -174,18 +175,28 @@ def _listing(ino: int, name: str, ranges: Iterator[tuple[int, int]]) -> bytes:
     return bytes(out)
 
 
+# The shortest line a pin lists as ("0,4096 1 1\n"): more pins than fit at that length
+# cannot fit at all, and are refused before the listing is built (500,000 pins: 2 s).
+_SHORTEST_PIN_LINE = 11
+
+
 def _get_pins(volume: Volume, ino: int) -> bytes:
     """``OFFSET,LENGTH PID COUNT`` per pin; E2BIG past what an xattr holds, as _listing."""
+    if volume.pin_records(ino) > XATTR_SIZE_MAX // _SHORTEST_PIN_LINE:
+        _too_many_pins(ino)
     value = protocol.format_pins(
         protocol.PinLine(p.start * PAGE_SIZE, (p.end - p.start) * PAGE_SIZE, p.tgid, p.count)
         for p in volume.pins(ino)
     )
     if len(value) > XATTR_SIZE_MAX:
-        raise FsError(
-            errno.E2BIG,
-            f"inode {ino}: {protocol.PINS} lists more than {XATTR_SIZE_MAX} bytes of pins",
-        )
+        _too_many_pins(ino)
     return value
+
+
+def _too_many_pins(ino: int) -> NoReturn:
+    raise FsError(
+        errno.E2BIG, f"inode {ino}: {protocol.PINS} lists more than {XATTR_SIZE_MAX} bytes of pins"
+    )
 
 
 def _get_stats(volume: Volume, ino: int) -> bytes:

@@ -708,6 +708,12 @@ class Volume:
         pins = self.reclaim.pins.of(ino)
         return pins.listing() if pins is not None else []
 
+    def pin_records(self, ino: int) -> int:
+        """How many distinct (range, process) pins the file has: O(1)."""
+        self._regular(ino)
+        pins = self.reclaim.pins.of(ino)
+        return len(pins) if pins is not None else 0
+
     def release_owner(self, tgid: int) -> int:
         """Process *tgid* exited: drop all its pins; returns how many (counted) went."""
         return self.reclaim.release_owner(tgid)
