@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 NAME_MAX = 255
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_SIZE_MAX = 65536
+XATTR_LIST_MAX = 65536
+_SHORTEST_XATTR_NAME = len(b"user.x\0")
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -932,8 +934,19 @@ class Volume:
         inode.touch(ctime=True)
 
     def listxattr(self, ino: int) -> list[bytes]:
+        """The file's xattr names; E2BIG at once when there are more than any listing of
+        XATTR_LIST_MAX bytes can hold (the budget allows hundreds of thousands, and
+        listing them all only for the kernel to refuse them is one long step)."""
         inode = self.inode(ino)
-        return list(inode.xattrs) if inode.xattrs else []
+        if not inode.xattrs:
+            return []
+        if len(inode.xattrs) > XATTR_LIST_MAX // _SHORTEST_XATTR_NAME:
+            raise FsError(
+                errno.E2BIG,
+                f"inode {ino}: {len(inode.xattrs)} xattr names do not fit a listing of "
+                f"{XATTR_LIST_MAX} bytes",
+            )
+        return list(inode.xattrs)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         inode = self.inode(ino)

@@ -505,6 +505,22 @@ def test_user_xattrs_with_syscalls(work: Path) -> None:
     assert errno_of(os.setxattr, f, "user.big", bytes(65537)) == errno.E2BIG
 
 
+def test_listxattr_of_more_names_than_fit_gets_e2big(work: Path) -> None:
+    """As on tmpfs, a listing past 64 KiB is E2BIG; the daemon says so without listing."""
+    f = work / "f"
+    f.write_bytes(b"")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        for i in range(9363):
+            os.setxattr(fd, f"user.{i}", b"")
+        assert errno_of(os.listxattr, fd) == errno.E2BIG
+        for i in range(3000):
+            os.removexattr(fd, f"user.{i}")
+        assert sorted(os.listxattr(fd)) == sorted(f"user.{i}" for i in range(3000, 9363))
+    finally:
+        os.close(fd)
+
+
 def test_unknown_xattr_namespace_is_not_supported(work: Path) -> None:
     f = work / "f"
     f.write_bytes(b"")

@@ -370,6 +370,16 @@ def test_xattrs(vol: Volume) -> None:
     assert vol.listxattr(f.ino) == [b"user.b"]
 
 
+def test_more_xattr_names_than_a_listing_holds_get_e2big_at_once(vol: Volume) -> None:
+    """65,536 bytes hold at most 9,362 names of the shortest kind ("user.x" and its NUL)."""
+    f = mkfile(vol, ROOT_INO, b"f")
+    for i in range(9363):
+        vol.setxattr(f.ino, b"user.%d" % i, b"")
+    assert err(lambda: vol.listxattr(f.ino)) == errno.E2BIG
+    vol.removexattr(f.ino, b"user.0")
+    assert len(vol.listxattr(f.ino)) == 9362
+
+
 def test_readdir_while_removing_never_repeats(vol: Volume) -> None:
     d = mkdir(vol, ROOT_INO, b"d")
     for i in range(300):
