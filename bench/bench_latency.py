@@ -24,6 +24,8 @@ Operations (default sizes; ``--scale`` multiplies them):
 - ``readdir``: ``os.listdir`` of a directory of 20,000 entries;
 - ``evict``: a 256 MiB write into a 256 MiB cap full of 65,536 one-page volatile units;
 - ``exit``: SIGKILL of a process holding 100,000 one-page pins, until the stats show none.
+- ``bigunit``: a 16 MiB write at the cap that purges one volatile unit of 256 MiB;
+- ``bigfile``: the same, evicting a closed 256 MiB file of a cache directory.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
     scattered = int(20_000 * scale)
     entries = int(20_000 * scale)
     pins = int(100_000 * scale)
+    big_mib = int(256 * scale)
     return {
         "unmark": (
             "1G",
@@ -215,7 +218,37 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
             lambda m: mark_units(m / "units", 65536, with_data=True),
             lambda m: (m / "new").write_bytes(b"n" * (256 * MiB)),
         ),
+        "bigunit": (
+            f"{big_mib + 24}M",  # the unit, the prober's 16 MiB and 8 MiB to spare
+            lambda m: one_big_unit(m / "big", big_mib),
+            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
+        ),
+        "bigfile": (
+            f"{big_mib + 24}M",
+            lambda m: one_cached_file(m / "cache", big_mib),
+            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
+        ),
     }
+
+
+def fill(path: Path, mib: int) -> None:
+    chunk = b"\x5a" * MiB
+    with open(path, "wb") as out:
+        for _ in range(mib):
+            out.write(chunk)
+
+
+def one_big_unit(path: Path, mib: int) -> None:
+    """A file of *mib* MiB marked volatile as one unit: a write at the cap purges it."""
+    fill(path, mib)
+    os.setxattr(path, VOLATILE, b"0,0")
+
+
+def one_cached_file(directory: Path, mib: int) -> None:
+    """A closed file of *mib* MiB in a cache directory: a write at the cap evicts it."""
+    directory.mkdir()
+    os.setxattr(directory, "user.vrange.cache_dir", b"1")
+    fill(directory / "big", mib)
 
 
 # -- one scenario ---------------------------------------------------------------------------

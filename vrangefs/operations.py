@@ -157,6 +157,7 @@ class Operations(pyfuse3.Operations):
         self._reap_wanted = trio.Event()
         self._reaped = trio.Event()  # set (and replaced) each time the reaper is done
         volume.on_reap = self._wake_reaper
+        volume.store.on_returning = self._wake_reaper  # freed memory goes back in slices
         self.processes = ProcessWatcher(self._process_exited, proc)
         volume.reclaim.pins.listener = self.processes
 

@@ -18,6 +18,15 @@ stats show it), never holds data, and lies inside the arena, so resident data
 plus the pool never exceed the cap.  Memory pressure empties the pool first
 (:meth:`PageStore.trim_pool`).
 
+Returning memory is the kernel's slowest job here (``MADV_DONTNEED`` of 1 GiB:
+about 0.15 s).  A store with an :attr:`PageStore.on_returning` hook does not do it
+in the call that frees the pages: the slots wait, still faulted, on a *returning*
+list that the daemon's reaper hands back a few thousand pages per step
+(:meth:`PageStore.return_some`), so purging or evicting a gigabyte holds no request
+for that long.  Like pool slots they never hold data, lie inside the arena (data
+plus pool plus returning never pass the cap) and are the first reused, zeroed, by
+the next write; ``returning_pages`` counts them.
+
 Each file has a :class:`FileData` page table: a dict of chunks, each an
 ``array('i')`` of CHUNK_PAGES entries holding a slot number, :data:`HOLE`
 (never written, reads as zeros, costs nothing) or :data:`PURGED` (data was
@@ -33,8 +42,9 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import sys
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from vrangefs.protocol import PAGE_SIZE
 
@@ -61,9 +71,11 @@ PURGED = -2
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+RETURN_PAGES_PER_STEP = 4096  # pages madvised away per step of the reaper (about 2 ms)
 _POPULATE_MIN = 16  # below this many pages a system call costs more than the faults
 
 _EMPTY_CHUNK = array("i", [HOLE]) * CHUNK_PAGES
+_PURGED_CHUNK = array("i", [PURGED]) * CHUNK_PAGES
 CHUNKS_PER_STEP = 64  # chunks freed per step of a sliced truncate (each ~5 us)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZEROS = bytes(CHUNK_PAGES * PAGE_SIZE)  # calloc'ed: reading it touches no memory of ours
@@ -72,6 +84,35 @@ POOL_MAX = 32 << 20
 """The largest pool of freed, still-faulted slots a daemon keeps (bytes)."""
 POOL_CAP_SHARE = 16
 """... and at most this fraction (1/16) of the memory cap."""
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little" and array("i").itemsize == 4
+_HOLE_BYTES = array("i", [HOLE]).tobytes()
+
+
+def _all_slots(entries: array[int]) -> bool:
+    """Whether every entry is a slot (>= 0): the top byte of each has its high bit clear.
+    In C (``in`` on an array makes an int object per entry: 5 us a chunk)."""
+    if _LITTLE_ENDIAN:
+        return entries.tobytes()[3::4].isascii()
+    return min(entries, default=0) >= 0
+
+
+def _may_hold_hole(entries: array[int]) -> bool:
+    """False only if no entry is a hole (in C; True may be wrong, never False)."""
+    if _LITTLE_ENDIAN:
+        return _HOLE_BYTES in entries.tobytes()
+    return HOLE in entries
+
+
+def _slots_of(entries: array[int]) -> array[int]:
+    """The slots (entries >= 0) of a piece of a chunk, without a Python loop over it
+    (which made dropping thousands of chunks, or a big unit, take long): the piece
+    itself when it holds no hole or purged page, else the tail once sorted."""
+    if _all_slots(entries):
+        return entries
+    cut = sorted(entries)
+    return array("i", cut[bisect.bisect_left(cut, 0) :])
 
 
 def pool_bytes_for(cap_bytes: int) -> int:
@@ -146,6 +187,10 @@ class PageStore:
         self._free: list[int] = []
         # The pool: free slots whose memory was kept (old bytes in them), in the same order.
         self._pool: list[int] = []
+        # Freed slots beyond the pool, still faulted, waiting to be madvised away (only
+        # with an on_returning hook; without one they are madvised at once).
+        self._returning = array("i")  # in C: a 1 GiB purge makes no 262,144 int objects
+        self.on_returning: Callable[[], None] | None = None
         self.pool_max = max(pool_bytes, 0) // PAGE_SIZE
         self._bump = 0  # slots >= _bump have never been handed out
         self.used_pages = 0
@@ -166,6 +211,11 @@ class PageStore:
         """Free slots whose memory the daemon still holds (in its RSS, never data)."""
         return len(self._pool)
 
+    @property
+    def returning_pages(self) -> int:
+        """Freed slots still faulted in, waiting for :meth:`return_some` (never data)."""
+        return len(self._returning)
+
     # -- slots ------------------------------------------------------------
     def alloc_many(self, count: int) -> list[int]:
         """Hand out *count* zero-filled slots, ascending where possible.
@@ -175,6 +225,12 @@ class PageStore:
         if count > self.free_pages:
             raise NoSpaceError(count, self.free_pages)
         slots = self._take(self._pool, count)
+        if len(slots) < count and self._returning:
+            returning = self._returning
+            taken = min(count - len(slots), len(returning))
+            slots += returning[-taken:].tolist()
+            del returning[-taken:]
+            slots.sort()
         if slots:
             self._fill(slots, self._zero)
         if len(slots) < count:
@@ -237,20 +293,37 @@ class PageStore:
         except OSError:
             self._can_populate = False
 
-    def release(self, slots: list[int]) -> None:
+    def release(self, slots: Sequence[int]) -> None:
         """Give slots back: up to the pool's room keep their memory, the rest returns to
-        the kernel at once."""
+        the kernel: at once, or with an :attr:`on_returning` hook by :meth:`return_some`."""
         if not slots:
             return
         self.used_pages -= len(slots)
-        slots = sorted(slots)  # a copy: callers count the list they passed
         keep = min(len(slots), self.pool_max - len(self._pool))
-        if keep > 0:
-            kept = slots[:keep]
-            del slots[:keep]
+        if self.on_returning is None:
+            ordered = sorted(slots)  # a copy: callers count the list they passed
+            kept, rest = ordered[:keep], ordered[keep:]
+        else:
+            kept, rest = sorted(slots[:keep]), []
+        if kept:
             kept.reverse()
             self._pool.extend(kept)
+        if self.on_returning is None:
+            self._discard(rest)
+        elif len(slots) > keep:
+            waiting = len(self._returning)
+            self._returning.extend(slots[keep:])  # as they come: sorted a step at a time
+            if not waiting:
+                self.on_returning()
+
+    def return_some(self, count: int = RETURN_PAGES_PER_STEP) -> int:
+        """Hand up to *count* returning slots' memory back to the kernel; returns how
+        many (0 once none waits)."""
+        returning = self._returning
+        slots = sorted(returning[-count:])
+        del returning[-count:]
         self._discard(slots)
+        return len(slots)
 
     def _discard(self, slots: list[int]) -> None:
         """madvise ascending *slots* away and put them on the free list."""
@@ -264,7 +337,8 @@ class PageStore:
         self._mm.madvise(mmap.MADV_DONTNEED, slot << PAGE_SHIFT, count << PAGE_SHIFT)
 
     def trim_pool(self) -> int:
-        """Return the pool's memory to the kernel (under memory pressure); pages freed."""
+        """Return the pool's memory to the kernel (under memory pressure, after the
+        returning slots: see :meth:`return_some`); pages freed."""
         pool = self._pool
         self._pool = []
         pool.sort()
@@ -273,9 +347,10 @@ class PageStore:
 
     def check_invariants(self) -> None:
         assert 0 <= self.used_pages <= self.capacity_pages
-        assert len(self._free) + len(self._pool) == len(set(self._free) | set(self._pool))
+        free, pool, returning = self._free, self._pool, self._returning
+        assert len(free) + len(pool) + len(returning) == len(set(free) | set(pool) | set(returning))
         assert len(self._pool) <= self.pool_max
-        assert self.used_pages == self._bump - len(self._free) - len(self._pool)
+        assert self.used_pages == self._bump - len(free) - len(pool) - len(returning)
 
 
 class PageTally:
@@ -537,16 +612,13 @@ class FileData:
 
     def _drop_chunks(self, keep_pages: int, chunks: list[int]) -> None:
         """Free the pages >= *keep_pages* of these chunks (missing ones are skipped)."""
-        freed: list[int] = []
+        freed = array("i")
         for ci in chunks:
             chunk = self._chunks.get(ci)
             if chunk is None:
                 continue
             lo = max(keep_pages - (ci << CHUNK_SHIFT), 0)
-            # Sorted in C, the slots (>= 0) are the tail: no Python loop over 256 entries,
-            # which made dropping a sparse file's thousands of chunks take long.
-            cut = sorted(chunk[lo:])
-            freed += cut[bisect.bisect_left(cut, 0) :]
+            freed += _slots_of(chunk[lo:])
             if lo == 0:
                 del self._chunks[ci]
                 self.store.chunks -= 1
@@ -560,11 +632,20 @@ class FileData:
 
         Returns the number of pages freed.
         """
-        freed: list[int] = []
+        freed = array("i")
         for ci in self._chunks_in(first, end):
             chunk = self._chunks[ci]
             base = ci << CHUNK_SHIFT
-            for i in range(max(first - base, 0), min(end - base, CHUNK_PAGES)):
+            lo, hi = max(first - base, 0), min(end - base, CHUNK_PAGES)
+            part = chunk[lo:hi]
+            if not _may_hold_hole(part):
+                # Every page is data or purged already: all become purged. In C, a few
+                # microseconds a chunk: a 1 GiB unit costs 1,024 of these, not 262,144
+                # turns of the loop below.
+                freed += _slots_of(part)
+                chunk[lo:hi] = _PURGED_CHUNK[: hi - lo]
+                continue
+            for i in range(lo, hi):
                 slot = chunk[i]
                 if slot >= 0:
                     freed.append(slot)

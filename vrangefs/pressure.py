@@ -26,7 +26,7 @@ import trio
 from vrangefs.config import PressureConfig
 from vrangefs.invalidation import Invalidator
 from vrangefs.memory import MemoryProbe
-from vrangefs.pagestore import PAGE_SIZE
+from vrangefs.pagestore import PAGE_SIZE, PageStore
 from vrangefs.reclaim import Reclaim
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,16 @@ async def _purging(reclaim: Reclaim, pages: int, invalidator: Invalidator) -> tu
     return freed, inodes
 
 
+async def _return_freed(store: PageStore) -> int:
+    """Hand every freed page the daemon still holds back to the kernel, the ones waiting
+    to be returned a step at a time, then the pool; returns how many."""
+    returned = 0
+    while got := store.return_some():
+        returned += got
+        await trio.sleep(0)
+    return returned + store.trim_pool()
+
+
 async def relieve(
     reclaim: Reclaim,
     probe: MemoryProbe,
@@ -133,14 +143,14 @@ async def relieve(
         available = probe.available()
         if available >= config.min_free:
             break
-        if pooled := reclaim.store.trim_pool():
+        if pooled := await _return_freed(reclaim.store):
             # Freed pages the daemon kept for reuse go back before any data does.
-            log.info("memory pressure: returned %d bytes of pooled free pages", pooled * PAGE_SIZE)
+            log.info("memory pressure: returned %d bytes of freed pages", pooled * PAGE_SIZE)
             continue
         wanted = config.min_free + config.min_free // 4 - available
         pages = min(-(-wanted // PAGE_SIZE), ROUND_PAGES)
         freed, purged = await _purging(reclaim, pages, invalidator)
-        reclaim.store.trim_pool()  # what a purge for pressure frees goes back, none to the pool
+        await _return_freed(reclaim.store)  # what a purge for pressure frees goes back now
         await invalidator.settle(purged)
         total += freed
         log.info(

@@ -159,7 +159,12 @@ class Volume:
         with its pid waits, see :meth:`releasing`). A dead inode's units stay
         purgeable meanwhile, so its data goes with the units it holds; nothing else
         can reach it (no name, no open file, no lookup).
+
+        First it hands freed memory back to the kernel (see
+        :meth:`PageStore.return_some`): a few thousand pages per step.
         """
+        while self.store.return_some():
+            yield
         while self._exited:
             tgid = self._exited[0]
             released = 0

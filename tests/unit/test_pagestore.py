@@ -333,19 +333,32 @@ ops = st.one_of(
     st.tuples(st.just("truncate"), offsets, st.just(0)),
     st.tuples(st.just("read"), offsets, lengths),
     st.tuples(st.just("purge"), st.integers(0, 3 * CHUNK_PAGES), st.integers(0, 600)),
+    st.tuples(st.just("return"), st.integers(0, 600), st.just(0)),
 )
 
 
-@pytest.mark.parametrize("pool", [0, MiB], ids=["no-pool", "pool"])
+@pytest.mark.parametrize(
+    ("pool", "deferred"),
+    [(0, False), (MiB, False), (0, True), (MiB, True)],
+    ids=["no-pool", "pool", "returning", "pool-returning"],
+)
 @settings(max_examples=60, deadline=None)
 @given(st.lists(ops, max_size=25))
-def test_filedata_matches_bytearray_model(pool: int, steps: list[tuple[str, int, int]]) -> None:
-    """With a pool too: reused pooled slots read as zeros wherever nothing was written."""
+def test_filedata_matches_bytearray_model(
+    pool: int, deferred: bool, steps: list[tuple[str, int, int]]
+) -> None:
+    """With a pool, and with freed memory returned later: reused pooled or returning slots
+    read as zeros wherever nothing was written."""
     store = PageStore(16 * MiB, pool_bytes=pool)
+    if deferred:
+        store.on_returning = lambda: None
     f = FileData(store)
     model = Model()
     for n, (op, a, b) in enumerate(steps):
-        if op == "write":
+        if op == "return":
+            waiting = store.returning_pages
+            assert store.return_some(a) == min(a, waiting)
+        elif op == "write":
             payload = pattern(b, seed=n)
             f.write(a, payload)
             model.write(a, payload)
@@ -498,6 +511,54 @@ def test_trim_pool_returns_the_memory() -> None:
     assert store.pool_pages == 0
     assert _vm_rss() - before < 8 * MiB
     store.check_invariants()
+
+
+def test_freed_memory_can_wait_to_be_returned_and_is_reused_first() -> None:
+    """With an on_returning hook, freed slots past the pool wait (still resident, free
+    for the cap) until return_some() hands them back a step at a time; a write first
+    reuses them, zeroed. The hook is called when the first ones start waiting."""
+    store = PageStore(512 * MiB, pool_bytes=MiB)
+    calls: list[int] = []
+    store.on_returning = lambda: calls.append(store.returning_pages)
+    f = FileData(store)
+    before = _vm_rss()
+    f.write(0, b"\x5a" * 256 * MiB)
+    f.purge(0, 256 * MiB // PAGE_SIZE)  # a 256 MiB unit
+    returning = (255 * MiB) // PAGE_SIZE  # all but the pool's 1 MiB
+    assert (store.used_pages, store.pool_pages, store.returning_pages) == (0, 256, returning)
+    assert calls == [returning]
+    assert _vm_rss() - before >= 240 * MiB  # honest: still resident
+    g = FileData(store)
+    g.write(PAGE_SIZE + 1, b"y")  # a pool slot, zeroed
+    g.write(2 * MiB + 5, b"z")  # another pool slot
+    assert bytes(g.read(0, PAGE_SIZE + 2)) == bytes(PAGE_SIZE + 1) + b"y"
+    assert bytes(g.read(2 * MiB, 6)) == bytes(5) + b"z"
+    store.check_invariants()
+    assert store.returning_pages == returning  # the two writes took pool slots
+    steps = 0
+    while store.return_some(4096):
+        steps += 1
+    assert steps == -(-returning // 4096)
+    assert store.returning_pages == 0 and calls == [returning]
+    assert _vm_rss() - before < 16 * MiB
+    store.check_invariants()
+    f.write(0, b"\x11" * 8 * MiB)  # allocations after it come from the free list
+    assert bytes(f.read(0, 8 * MiB)) == b"\x11" * 8 * MiB
+    store.check_invariants()
+
+
+def test_a_purge_of_whole_chunks_keeps_holes_and_purged_pages_apart(store: PageStore) -> None:
+    """The C path (no hole in the chunk's range) and the loop (holes) agree."""
+    f = FileData(store)
+    f.write(0, b"a" * 3 * CHUNK)  # three full chunks
+    assert f.purge(10, 20) == 10  # some purged pages inside the next purge's range
+    f.write(3 * CHUNK + 5 * PAGE_SIZE, b"b")  # a fourth chunk with holes
+    freed = f.purge(0, 3 * CHUNK_PAGES + CHUNK_PAGES)
+    assert freed == 3 * CHUNK_PAGES - 10 + 1
+    assert list(f.purged_runs()) == [(0, 3 * CHUNK_PAGES), (3 * CHUNK_PAGES + 5, 1)]
+    assert f.slot_of(3 * CHUNK_PAGES) == HOLE and f.slot_of(3 * CHUNK_PAGES + 5) == PURGED
+    assert f.resident_pages == 0 == store.used_pages
+    f.check_invariants()
 
 
 def test_pool_bound() -> None:
