@@ -184,9 +184,9 @@ def _get_pins(volume: Volume, ino: int) -> bytes:
     """``OFFSET,LENGTH PID COUNT`` per pin; E2BIG past what an xattr holds, as _listing."""
     if volume.pin_records(ino) > XATTR_SIZE_MAX // _SHORTEST_PIN_LINE:
         _too_many_pins(ino)
-    value = protocol.format_pins(
-        protocol.PinLine(p.start * PAGE_SIZE, (p.end - p.start) * PAGE_SIZE, p.tgid, p.count)
-        for p in volume.pins(ino)
+    value = protocol.format_pin_rows(
+        (start * PAGE_SIZE, (end - start) * PAGE_SIZE, tgid, count)
+        for start, end, tgid, count in volume.pin_rows(ino)  # (start, end) order is that too
     )
     if len(value) > XATTR_SIZE_MAX:
         _too_many_pins(ino)

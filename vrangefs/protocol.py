@@ -333,10 +333,18 @@ class PinLine:
     count: int
 
 
+_PIN_LINE = b"%d,%d %d %d\n"
+
+
 def format_pins(pins: Iterable[PinLine]) -> bytes:
     """``OFFSET,LENGTH PID COUNT`` lines, sorted by (offset, length, pid)."""
     rows = sorted(pins, key=lambda p: (p.offset, p.length, p.pid))
-    return b"".join(b"%d,%d %d %d\n" % (p.offset, p.length, p.pid, p.count) for p in rows)
+    return format_pin_rows((p.offset, p.length, p.pid, p.count) for p in rows)
+
+
+def format_pin_rows(rows: Iterable[tuple[int, int, int, int]]) -> bytes:
+    """:func:`format_pins` of (offset, length, pid, count) rows already in that order."""
+    return b"".join([_PIN_LINE % row for row in rows])
 
 
 def parse_pins(value: bytes) -> list[PinLine]:

@@ -715,6 +715,12 @@ class Volume:
         pins = self.reclaim.pins.of(ino)
         return pins.listing() if pins is not None else []
 
+    def pin_rows(self, ino: int) -> list[tuple[int, int, int, int]]:
+        """:meth:`pins` as (start, end, tgid, count) tuples, for listing many."""
+        self._regular(ino)
+        pins = self.reclaim.pins.of(ino)
+        return pins.rows() if pins is not None else []
+
     def pin_records(self, ino: int) -> int:
         """How many distinct (range, process) pins the file has: O(1)."""
         self._regular(ino)

@@ -12,7 +12,7 @@ from vrangefs import control
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO
 from vrangefs.pagestore import PAGE_SIZE, PageStore
-from vrangefs.pins import InodePins, PinInfo
+from vrangefs.pins import InodePins
 from vrangefs.protocol import PINS_B
 from vrangefs.volume import Caller, Volume
 
@@ -52,14 +52,14 @@ def test_more_pins_than_any_listing_can_hold_are_refused_before_sorting(
     for tgid in range(1, 6001):
         vol.pin(f, 0, PAGE_SIZE, tgid, 0)
     listed = 0
-    listing = InodePins.listing
+    rows = InodePins.rows
 
-    def counting(self: InodePins) -> list[PinInfo]:
+    def counting(self: InodePins) -> list[tuple[int, int, int, int]]:
         nonlocal listed
         listed += 1
-        return listing(self)
+        return rows(self)
 
-    monkeypatch.setattr(InodePins, "listing", counting)
+    monkeypatch.setattr(InodePins, "rows", counting)
     with pytest.raises(FsError) as info:
         control.getxattr(vol, f, PINS_B)
     assert info.value.errno == errno.E2BIG and f"inode {f}" in str(info.value)
