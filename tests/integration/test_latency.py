@@ -2,7 +2,8 @@
 
 While one process runs a big operation (unmark of tens of thousands of units in one call,
 purge-all of as many, the exit of a process holding as many pins, a truncate or rm of a
-sparse file of as many chunks), a prober thread reads
+sparse file of as many chunks, a write at the cap that purges one unit of 1 GiB), a prober
+thread reads
 ``user.vrange.stats`` on the mount root in a loop: each is a request to the daemon. Done in
 one step, the operation would hold every probe for its whole length; done in slices, probes
 are answered in milliseconds. The bounds are relative to the operation's own duration, so a
@@ -183,3 +184,28 @@ def test_truncate_and_rm_of_a_sparse_file_of_many_chunks(mount: Mount) -> None:
         wait_until(lambda: stats(mount.path)["resident_bytes"] == 0, 60, "the data freed")
 
     check_not_stalled(mount, rm_and_wait)
+
+
+@pytest.mark.timeout(300)
+def test_a_write_at_the_cap_that_purges_one_big_unit(mounter: Mounter) -> None:
+    """One volatile unit of 1 GiB (a whole file, marked once) is purged whole by a write
+    at the cap: its page table is cut in C and its memory handed back to the kernel a
+    step at a time, so the purge holds nobody for long (in one step: 0.2 s)."""
+    mount = mounter.mount("1072M")
+    big = mount.path / "big"
+    chunk = b"\x5a" * (1 << 20)
+    with open(big, "wb") as out:
+        for _ in range(1024):
+            out.write(chunk)
+    os.setxattr(big, "user.vrange.volatile", b"0,0")
+    (mount.path / "kept").write_bytes(b"k" * (16 << 20))
+
+    def write_at_the_cap() -> None:
+        (mount.path / "new").write_bytes(b"n" * (40 << 20))
+
+    check_not_stalled(mount, write_at_the_cap)
+    s = stats(mount.path)
+    assert s["purge_events_cap"] == 1 and s["purged_bytes_cap"] == 1 << 30, s
+    assert os.getxattr(big, "user.vrange.purged") == b"0,%d\n" % (1 << 30)
+    wait_until(lambda: stats(mount.path)["returning_bytes"] == 0, 30, "freed memory returned")
+    assert (mount.path / "kept").read_bytes() == b"k" * (16 << 20)
