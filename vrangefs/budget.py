@@ -74,8 +74,12 @@ class MetadataBudget:
 
     def fits(self, needed: int) -> bool:
         """Whether *needed* more bytes stay within the cap (:meth:`check` without a message,
-        for hot paths that build one only when refused)."""
-        return self.used + needed <= self.cap
+        for hot paths that build one only when refused; :attr:`used` inlined, one call less
+        on every mark)."""
+        total = self.charged + needed
+        for owner, attribute, each in self._counted:
+            total += getattr(owner, attribute) * each
+        return total <= self.cap
 
     def check(self, needed: int, what: str) -> None:
         """Raise MetadataFullError if *needed* more bytes would pass the cap."""

@@ -287,7 +287,11 @@ def volatile_pages(offset: int, length: int, file_size: int) -> tuple[int, int] 
     inward. When it reaches the end of the file, the page holding the end of the file counts
     as whole. None if no page qualifies.
     """
-    end, reaches_eof = _clip(offset, length, file_size)
+    # _clip, inlined: every mark comes here.
+    if offset < 0 or length < 0 or file_size < 0:
+        raise ValueError(f"negative range or size: {offset}, {length}, {file_size}")
+    reaches_eof = length == 0 or offset + length >= file_size
+    end = file_size if reaches_eof else offset + length
     if offset >= end:
         return None
     first = -(-offset // PAGE_SIZE)

@@ -219,7 +219,8 @@ class Reclaim:
                     self.volatile_pages -= resident
             root.mark_volatile(start, end, found, queue=False)
         else:
-            self._uncount(data, found)
+            if found:
+                self._uncount(data, found)
             unit = root.mark_volatile(start, end, found, queue=False)
             self.units += 1 - len(found)
             resident = _resident(data, unit.start, unit.end)
