@@ -72,8 +72,21 @@ def _range_value(ino: int, name: bytes, value: bytes) -> tuple[int, int]:
         raise FsError(e.errno, str(e)) from None
 
 
-def _set_volatile(volume: Volume, ino: int, value: bytes) -> Job:
+def _set_volatile(volume: Volume, ino: int, value: bytes) -> Job | None:
     offset, length = _range_value(ino, protocol.VOLATILE_B, value)
+    return volume.marking_volatile(ino, offset, length)
+
+
+def _mark_volatile(volume: Volume, ino: int, value: bytes) -> Job | None:
+    """:func:`setxattr_job` for ``user.vrange.volatile``, the commonest request, in fewer
+    calls, with the same errors: a directory or a gone inode (which marking_volatile
+    refuses) is refused before a bad value."""
+    try:
+        offset, length = _parse_range(value)
+    except protocol.RangeError as e:
+        _check_kind(volume, ino, protocol.VOLATILE_B)
+        log.warning("inode %d: %s: %s", ino, protocol.VOLATILE, e)
+        raise FsError(e.errno, str(e)) from None
     return volume.marking_volatile(ino, offset, length)
 
 
@@ -340,7 +353,10 @@ def setxattr_job(
     volume: Volume, ino: int, name: bytes, value: bytes, pinner: Pinner | None = None
 ) -> Job | None:
     """As :func:`setxattr`, but a name whose work can be big (marking, unmarking,
-    purge-all) only has its value checked here and returns the rest as a job."""
+    purge-all) only has its value checked here and returns the rest as a job (None when
+    it is all done already)."""
+    if name == protocol.VOLATILE_B:
+        return _mark_volatile(volume, ino, value)
     _check_kind(volume, ino, name)
     pin_setter = PIN_SETTERS.get(name)
     if pin_setter is not None:

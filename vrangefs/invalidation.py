@@ -175,6 +175,23 @@ class Invalidator:
         collect other requests' purges too)."""
         return _Recording(self)
 
+    def record(self) -> set[int] | None:
+        """:meth:`recording` in two calls instead of four, for a mark's hot path: start
+        collecting the inodes purged from now on; pass what it returns to :meth:`recorded`
+        (in a ``finally``), which ends the collection and returns it."""
+        outer = self._recording
+        self._recording = set()
+        return outer
+
+    def recorded(self, outer: set[int] | None) -> set[int]:
+        """The inodes purged since the :meth:`record` that returned *outer*."""
+        purged = self._recording
+        assert purged is not None
+        if outer is not None:
+            outer |= purged
+        self._recording = outer
+        return purged
+
     @contextmanager
     def writing(self, ino: int) -> Iterator[None]:
         """Mark a WRITE to *ino* as in our hands for the duration of the block."""

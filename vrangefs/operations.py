@@ -27,7 +27,14 @@ from vrangefs.events import EventHub
 from vrangefs.inodes import Inode
 from vrangefs.invalidation import Invalidator
 from vrangefs.owners import ProcessWatcher
-from vrangefs.protocol import NONVOLATILE_B, PAGE_SIZE, PURGED_B, STATS_B, format_stats
+from vrangefs.protocol import (
+    NONVOLATILE_B,
+    PAGE_SIZE,
+    PURGED_B,
+    STATS_B,
+    VOLATILE_B,
+    format_stats,
+)
 from vrangefs.volume import AttrChange, Caller, Volume
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,8 @@ EVICTED_NAMES_WAIT = 1.0
 FAULT_INJECTION = os.environ.get("VRANGEFS_FAULT_INJECTION") == "1"
 FAULT_XATTR = b"user.vrange.fault"
 _pending_faults: set[str] = set()
+
+_NOTHING: frozenset[int] = frozenset()  # no inode purged (yet)
 
 
 class InjectedFault(RuntimeError):
@@ -532,31 +541,37 @@ class Operations(pyfuse3.Operations):
         value: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if not control.is_control(name):
-            self.volume.setxattr(inode, name, value)
-            return
-        if FAULT_INJECTION and name == FAULT_XATTR and inode == pyfuse3.ROOT_INODE:
-            _pending_faults.add(value.decode(errors="replace").strip())
-            return
-        if control.needs_pinner(name):
-            await self._pin_request(inode, name, value, ctx)
-            return
-        if name == NONVOLATILE_B:
-            await self.invalidator.settled(inode)
-        purged: set[int] = set()
+        if name != VOLATILE_B:  # a mark, the commonest request, needs none of these checks
+            if not control.is_control(name):
+                self.volume.setxattr(inode, name, value)
+                return
+            if FAULT_INJECTION and name == FAULT_XATTR and inode == pyfuse3.ROOT_INODE:
+                _pending_faults.add(value.decode(errors="replace").strip())
+                return
+            if name in control.PIN_SETTERS:
+                await self._pin_request(inode, name, value, ctx)
+                return
+            if name == NONVOLATILE_B:
+                await self.invalidator.settled(inode)
+        invalidator = self.invalidator
+        purged: set[int] | frozenset[int] = _NOTHING
         try:
-            # Most jobs (a mark, an unmark of a few units) end in their first slice: run
-            # it in the same synchronous step, with no checkpoint, coroutine or set more.
-            with self.invalidator.recording() as purged:
+            # Most jobs (a mark, an unmark of a few units) are done at once or end in their
+            # first slice: run it in the same synchronous step, with no checkpoint,
+            # coroutine or set more.
+            outer = invalidator.record()
+            try:
                 job = control.setxattr_job(self.volume, inode, name, value)
                 if job is not None and self._run_slice(job):
                     job = None
+            finally:
+                purged = invalidator.recorded(outer)
             if job is not None:  # the rest in slices, other requests first
                 await trio.sleep(0)
                 await self._run(job, purged)
         finally:  # a purge returns once no stale page is left, failed or not
             if purged:
-                await self.invalidator.settle(purged)
+                await invalidator.settle(purged)
 
     def watch_requests(self, fuse_fd: int) -> None:
         """Let big jobs see requests waiting on the FUSE device (descriptor *fuse_fd*)."""

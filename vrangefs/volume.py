@@ -596,34 +596,50 @@ class Volume:
 
     def mark_volatile(self, ino: int, offset: int, length: int) -> None:
         """Make the pages wholly inside the byte range volatile (one new purge unit)."""
-        for _ in self.marking_volatile(ino, offset, length):
-            pass
+        job = self.marking_volatile(ino, offset, length)
+        if job is not None:
+            for _ in job:
+                pass
 
-    def marking_volatile(self, ino: int, offset: int, length: int) -> Iterator[None]:
-        """mark_volatile as a job of slices, each bounded however many units it merges.
+    def marking_volatile(self, ino: int, offset: int, length: int) -> Iterator[None] | None:
+        """mark_volatile, done at once (None) unless the mark merges more units than a
+        slice changes: then the rest is returned as a job of slices, each bounded however
+        many units it merges.
 
-        Merging many units first unmarks them slice by slice (their pages are merely
-        not volatile for a while, which nothing can harm), then makes the one new unit.
+        Most marks merge a unit or two: they pay for no generator and no job.
         """
         inode, data = self._regular(ino)
         if not self.budget.fits(budget.UNIT_BYTES):  # room to make, or ENOSPC
             self._charge(budget.UNIT_BYTES, f"inode {ino}: a volatile unit", count=False, spare=ino)
-        if _whole_file(offset, length, data.size) and inode.kept:
+        size = data.size
+        if inode.kept and _whole_file(offset, length, size):
             inode.kept = False
             self.reclaim.cache_keep(ino, data, kept=False)
-        pages = volatile_pages(offset, length, data.size)
+        pages = volatile_pages(offset, length, size)
         if pages is None:
-            return
+            return None
         start, end = pages
         root = inode.vroot
-        if root is not None and root.slice_end(start, end, UNITS_PER_SLICE) < end:
-            if (first := root.unit_at(start)) is not None:
-                start = first.start
-            if (last := root.unit_at(end - 1)) is not None:
-                end = last.end
-            yield from self._unmarking(inode, data, start, end)
-            if self.inodes.get(ino) is not inode or inode.data is not data:
-                return  # the file went meanwhile
+        if root is None:
+            root = inode.vroot = self.reclaim.new_root(ino)
+        elif root.slice_end(start, end, UNITS_PER_SLICE) < end:
+            return self._merging(inode, data, start, end)
+        self.reclaim.mark_volatile(root, data, start, end)
+        return None
+
+    def _merging(self, inode: Inode, data: FileData, start: int, end: int) -> Iterator[None]:
+        """A mark over many units, as a job: it first unmarks them slice by slice (their
+        pages are merely not volatile for a while, which nothing can harm), then makes the
+        one new unit."""
+        root = inode.vroot
+        assert root is not None
+        if (first := root.unit_at(start)) is not None:
+            start = first.start
+        if (last := root.unit_at(end - 1)) is not None:
+            end = last.end
+        yield from self._unmarking(inode, data, start, end)
+        if self.inodes.get(inode.ino) is not inode or inode.data is not data:
+            return  # the file went meanwhile
         self.reclaim.mark_volatile(self._vroot(inode), data, start, end)
 
     def mark_nonvolatile(self, ino: int, offset: int, length: int) -> list[tuple[int, int]]:
