@@ -133,8 +133,11 @@ class PurgeOrder:
 
         Being a time, the oldest entry's seq also tells its age (:meth:`oldest_age`).
         """
-        self._last_seq = max(self._last_seq + 1, time.monotonic_ns())
-        return self._last_seq
+        seq = time.monotonic_ns()  # every mark asks: no max() call
+        if seq <= self._last_seq:
+            seq = self._last_seq + 1
+        self._last_seq = seq
+        return seq
 
     def oldest_age(self) -> float:
         """Seconds since the oldest entry was marked or last opened (0.0 if none)."""
