@@ -96,17 +96,23 @@ def _handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
                 _pending_faults.discard(name)
                 raise InjectedFault(f"fault injected into {name}")
             return await fn(*args, **kwargs)
-        except FsError as e:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s -> %s (%s)", name, errno.errorcode.get(e.errno, e.errno), e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except pyfuse3.FUSEError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s%r", name, args[1:])
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise _fuse_error(name, args[1:], e) from None
 
     return wrapper
+
+
+def _fuse_error(name: str, args: tuple[object, ...], e: Exception) -> pyfuse3.FUSEError:
+    """What handler *name*, called with *args*, answers for exception *e* (see _handler);
+    call it in the ``except`` block, so that a bug is logged with its traceback."""
+    if isinstance(e, FsError):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s -> %s (%s)", name, errno.errorcode.get(e.errno, e.errno), e)
+        return pyfuse3.FUSEError(e.errno)
+    if isinstance(e, pyfuse3.FUSEError):
+        return e
+    log.exception("unexpected error in %s%r", name, args)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
@@ -533,7 +539,6 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return stored
 
-    @_handler
     async def setxattr(
         self,
         inode: pyfuse3.InodeT,
@@ -541,37 +546,47 @@ class Operations(pyfuse3.Operations):
         value: bytes,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        if name != VOLATILE_B:  # a mark, the commonest request, needs none of these checks
-            if not control.is_control(name):
-                self.volume.setxattr(inode, name, value)
-                return
-            if FAULT_INJECTION and name == FAULT_XATTR and inode == pyfuse3.ROOT_INODE:
-                _pending_faults.add(value.decode(errors="replace").strip())
-                return
-            if name in control.PIN_SETTERS:
-                await self._pin_request(inode, name, value, ctx)
-                return
-            if name == NONVOLATILE_B:
-                await self.invalidator.settled(inode)
-        invalidator = self.invalidator
-        purged: set[int] | frozenset[int] = _NOTHING
+        """A handler as _handler makes them, but written out: a mark, the commonest request,
+        then costs one coroutine, not two."""
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", "setxattr", (inode, name, value, ctx))
         try:
-            # Most jobs (a mark, an unmark of a few units) are done at once or end in their
-            # first slice: run it in the same synchronous step, with no checkpoint,
-            # coroutine or set more.
-            outer = invalidator.record()
+            if _pending_faults and "setxattr" in _pending_faults:
+                _pending_faults.discard("setxattr")
+                raise InjectedFault("fault injected into setxattr")
+            if name != VOLATILE_B:  # a mark, the commonest request, needs none of these checks
+                if not control.is_control(name):
+                    self.volume.setxattr(inode, name, value)
+                    return
+                if FAULT_INJECTION and name == FAULT_XATTR and inode == pyfuse3.ROOT_INODE:
+                    _pending_faults.add(value.decode(errors="replace").strip())
+                    return
+                if name in control.PIN_SETTERS:
+                    await self._pin_request(inode, name, value, ctx)
+                    return
+                if name == NONVOLATILE_B:
+                    await self.invalidator.settled(inode)
+            invalidator = self.invalidator
+            purged: set[int] | frozenset[int] = _NOTHING
             try:
-                job = control.setxattr_job(self.volume, inode, name, value)
-                if job is not None and self._run_slice(job):
-                    job = None
-            finally:
-                purged = invalidator.recorded(outer)
-            if job is not None:  # the rest in slices, other requests first
-                await trio.sleep(0)
-                await self._run(job, purged)
-        finally:  # a purge returns once no stale page is left, failed or not
-            if purged:
-                await invalidator.settle(purged)
+                # Most jobs (a mark, an unmark of a few units) are done at once or end in
+                # their first slice: run it in the same synchronous step, with no checkpoint,
+                # coroutine or set more.
+                outer = invalidator.record()
+                try:
+                    job = control.setxattr_job(self.volume, inode, name, value)
+                    if job is not None and self._run_slice(job):
+                        job = None
+                finally:
+                    purged = invalidator.recorded(outer)
+                if job is not None:  # the rest in slices, other requests first
+                    await trio.sleep(0)
+                    await self._run(job, purged)
+            finally:  # a purge returns once no stale page is left, failed or not
+                if purged:
+                    await invalidator.settle(purged)
+        except Exception as e:
+            raise _fuse_error("setxattr", (inode, name, value, ctx), e) from None
 
     def watch_requests(self, fuse_fd: int) -> None:
         """Let big jobs see requests waiting on the FUSE device (descriptor *fuse_fd*)."""
