@@ -21,6 +21,7 @@ Operations (default sizes; ``--scale`` multiplies them):
 - ``unmark``: one ``user.vrange.nonvolatile 0,0`` over 200,000 one-page units;
 - ``purge``: purge-all of 200,000 one-page units that hold data (800 MB);
 - ``truncate``: truncate to 0 of a 1 TiB sparse file with 20,000 pages scattered through it;
+- ``otrunc``: ``open(O_TRUNC)`` of the same sparse file (the kernel sends it as an OPEN);
 - ``readdir``: ``os.listdir`` of a directory of 20,000 entries;
 - ``evict``: a 256 MiB write into a 256 MiB cap full of 65,536 one-page volatile units;
 - ``exit``: SIGKILL of a process holding 100,000 one-page pins, until the stats show none.
@@ -202,6 +203,11 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
             "1G",
             lambda m: scatter(m / "sparse", scattered),
             lambda m: os.truncate(m / "sparse", 0),
+        ),
+        "otrunc": (
+            "1G",
+            lambda m: scatter(m / "sparse", scattered),
+            lambda m: os.close(os.open(m / "sparse", os.O_WRONLY | os.O_TRUNC)),
         ),
         "readdir": (
             "1G",

@@ -521,17 +521,32 @@ class Volume:
     # -- data -----------------------------------------------------------------
     def open(self, ino: int, flags: int = 0) -> Inode:
         """Count one more open file; O_TRUNC truncates here (libfuse asks for atomic_o_trunc)."""
+        inode, job = self.open_job(ino, flags)
+        for _ in job:
+            pass
+        return inode
+
+    def open_job(self, ino: int, flags: int = 0) -> tuple[Inode, Iterator[None]]:
+        """:meth:`open`, with an O_TRUNC's truncate returned as a job (see
+        :meth:`truncating`); the file counts as open from the start, so it is not
+        evicted meanwhile.
+
+        The kernel holds no lock against writes during an OPEN (unlike a SETATTR):
+        the caller must hold back WRITEs and truncates of the inode until the job
+        is done, or a write between steps could land in a chunk about to be freed.
+        """
         inode = self.inode(ino)
         if inode.is_dir:
             raise FsError(errno.EISDIR)
+        job: Iterator[None] = iter(())
         # The kernel has already checked write permission for O_TRUNC, whatever the access mode.
         if flags & os.O_TRUNC and inode.data is not None:
             if inode.data.size:
-                self.truncate(inode, 0)
+                job = self.truncating(inode, 0)
             inode.touch(mtime=True, ctime=True)
         inode.opens += 1
         self.reclaim.cache_opened(ino)
-        return inode
+        return inode, job
 
     def create(self, parent: int, name: bytes, mode: int, caller: Caller) -> Inode:
         inode = self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), 0, caller)

@@ -187,6 +187,45 @@ def test_truncate_and_rm_of_a_sparse_file_of_many_chunks(mount: Mount) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_open_o_trunc_of_a_sparse_file_of_many_chunks(mount: Mount) -> None:
+    """The kernel holds no lock against writes during an OPEN, so the daemon truncates in
+    slices and holds back WRITEs of the file meanwhile: a write through another
+    descriptor never lands in a chunk about to be freed (its bytes would read as zeros
+    in a file that claims them)."""
+    f = mount.path / "sparse"
+    scatter(f, SCATTERED)
+    last = TIB - PAGE  # a chunk made last, so freed last
+    marker = b"\x77" * PAGE
+    fd = os.open(f, os.O_WRONLY)
+    os.pwrite(fd, marker, last)
+    stop = threading.Event()
+    writes = 0
+
+    def writer() -> None:
+        nonlocal writes
+        while not stop.is_set():
+            os.pwrite(fd, marker, last)
+            writes += 1
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        check_not_stalled(mount, lambda: os.close(os.open(f, os.O_WRONLY | os.O_TRUNC)))
+    finally:
+        stop.set()
+        thread.join(30)
+        os.close(fd)
+    assert writes > 0
+    size = f.stat().st_size
+    assert size in (0, TIB), size  # the last write came after the truncate, or none did
+    if size:
+        with open(f, "rb") as r:
+            r.seek(last)
+            assert r.read() == marker
+    wait_until(lambda: stats(mount.path)["resident_bytes"] <= PAGE, 60, "the data freed")
+
+
+@pytest.mark.timeout(300)
 def test_a_write_at_the_cap_that_purges_one_big_unit(mounter: Mounter) -> None:
     """One volatile unit of 1 GiB (a whole file, marked once) is purged whole by a write
     at the cap: its page table is cut in C and its memory handed back to the kernel a
