@@ -320,8 +320,9 @@ class PageStore:
         """Hand up to *count* returning slots' memory back to the kernel; returns how
         many (0 once none waits)."""
         returning = self._returning
-        slots = sorted(returning[-count:])
-        del returning[-count:]
+        first = max(len(returning) - max(count, 0), 0)  # not [-count:]: count may be 0
+        slots = sorted(returning[first:])
+        del returning[first:]
         self._discard(slots)
         return len(slots)
 
