@@ -85,22 +85,19 @@ class _Recording:
     """:meth:`Invalidator.recording`'s context manager: a class, not a generator, since
     every mark and write passes through one (a microsecond less each)."""
 
-    __slots__ = ("_invalidator", "_outer", "_purged")
+    __slots__ = ("_invalidator", "_outer")
 
     def __init__(self, invalidator: Invalidator) -> None:
         self._invalidator = invalidator
 
     def __enter__(self) -> set[int]:
-        invalidator = self._invalidator
-        self._outer = invalidator._recording
-        self._purged: set[int] = set()
-        invalidator._recording = self._purged
-        return self._purged
+        self._outer = self._invalidator.record()
+        purged = self._invalidator._recording
+        assert purged is not None
+        return purged
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._outer is not None:
-            self._outer |= self._purged
-        self._invalidator._recording = self._outer
+        self._invalidator.recorded(self._outer)
 
 
 class Invalidator:

@@ -92,14 +92,20 @@ def _handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[A
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s%r", name, args[1:])
         try:
-            if _pending_faults and name in _pending_faults:
-                _pending_faults.discard(name)
-                raise InjectedFault(f"fault injected into {name}")
+            if _pending_faults:
+                _inject_fault(name)
             return await fn(*args, **kwargs)
         except Exception as e:
             raise _fuse_error(name, args[1:], e) from None
 
     return wrapper
+
+
+def _inject_fault(name: str) -> None:
+    """Fail handler *name* once if a test asked for it (VRANGEFS_FAULT_INJECTION)."""
+    if name in _pending_faults:
+        _pending_faults.discard(name)
+        raise InjectedFault(f"fault injected into {name}")
 
 
 def _fuse_error(name: str, args: tuple[object, ...], e: Exception) -> pyfuse3.FUSEError:
@@ -579,9 +585,8 @@ class Operations(pyfuse3.Operations):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s%r", "setxattr", (inode, name, value, ctx))
         try:
-            if _pending_faults and "setxattr" in _pending_faults:
-                _pending_faults.discard("setxattr")
-                raise InjectedFault("fault injected into setxattr")
+            if _pending_faults:
+                _inject_fault("setxattr")
             if name != VOLATILE_B:  # a mark, the commonest request, needs none of these checks
                 if not control.is_control(name):
                     self.volume.setxattr(inode, name, value)

@@ -299,22 +299,19 @@ class PageStore:
         if not slots:
             return
         self.used_pages -= len(slots)
-        keep = min(len(slots), self.pool_max - len(self._pool))
+        keep = max(min(len(slots), self.pool_max - len(self._pool)), 0)
+        kept = sorted(slots[:keep])  # copies: callers count what they passed
+        kept.reverse()
+        self._pool.extend(kept)
+        if len(slots) == keep:
+            return
         if self.on_returning is None:
-            ordered = sorted(slots)  # a copy: callers count the list they passed
-            kept, rest = ordered[:keep], ordered[keep:]
-        else:
-            kept, rest = sorted(slots[:keep]), []
-        if kept:
-            kept.reverse()
-            self._pool.extend(kept)
-        if self.on_returning is None:
-            self._discard(rest)
-        elif len(slots) > keep:
-            waiting = len(self._returning)
-            self._returning.extend(slots[keep:])  # as they come: sorted a step at a time
-            if not waiting:
-                self.on_returning()
+            self._discard(sorted(slots[keep:]))
+            return
+        waiting = len(self._returning)
+        self._returning.extend(slots[keep:])  # as they come: sorted a step at a time
+        if not waiting:
+            self.on_returning()
 
     def return_some(self, count: int = RETURN_PAGES_PER_STEP) -> int:
         """Hand up to *count* returning slots' memory back to the kernel; returns how

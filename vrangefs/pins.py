@@ -214,29 +214,12 @@ class PinTable:
 
     def release_owner(self, tgid: int) -> list[tuple[int, int, int]]:
         """Drop every pin of a process that exited; returns the (ino, start, end) ranges."""
-        return sorted(self.release(tgid, self.owned(tgid)))
+        return sorted(self.release_some(tgid, len(self._owners.get(tgid, ()))))
 
     def owned(self, tgid: int) -> list[tuple[int, int, int]]:
         """The (ino, start, end) ranges *tgid* pins, in no particular order (sorting
         100,000 of them would take 0.1 s in one step)."""
         return list(self._owners.get(tgid, ()))
-
-    def release(self, tgid: int, ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-        """Drop all of *tgid*'s pins on *ranges* (a part of :meth:`owned`), counts and all.
-
-        Ranges no longer pinned (their inode was freed) are skipped: returns the ones
-        dropped.
-        """
-        dropped = []
-        for ino, start, end in ranges:
-            pins = self._inodes.get(ino)
-            key = (start, end, tgid)
-            pin = None if pins is None else pins.pins.get(key)
-            if pins is None or pin is None:
-                continue  # its inode was freed meanwhile, pins and all
-            self._release_pin(ino, pins, key, pin)
-            dropped.append((ino, start, end))
-        return dropped
 
     def release_some(self, tgid: int, count: int) -> list[tuple[int, int, int]]:
         """Drop all of *tgid*'s pins on up to *count* of its ranges, counts and all;
@@ -253,14 +236,12 @@ class PinTable:
             ino, start, end = rng = owned.pop()
             pins = self._inodes[ino]  # an inode's pins leave the owner index with it
             key = (start, end, tgid)
-            self._release_pin(ino, pins, key, pins.pins[key])
+            pin = pins.pins[key]
+            self._drop(ino, pins, key)
+            self.pins -= pin.count
+            self.released_by_exit += pin.count
             dropped.append(rng)
         return dropped
-
-    def _release_pin(self, ino: int, pins: InodePins, key: tuple[int, int, int], pin: _Pin) -> None:
-        self._drop(ino, pins, key)
-        self.pins -= pin.count
-        self.released_by_exit += pin.count
 
     def forget_inode(self, ino: int) -> None:
         """Drop every pin of an inode that is being freed."""

@@ -32,7 +32,7 @@ from vrangefs.pagestore import (
     PurgedPageError,
     pages_spanned,
 )
-from vrangefs.pins import NotPinnedError, PinInfo, PinLimitError
+from vrangefs.pins import InodePins, NotPinnedError, PinInfo, PinLimitError
 from vrangefs.protocol import PurgeCause, nonvolatile_pages, pin_pages, volatile_pages
 from vrangefs.reclaim import Reclaim, worth_evicting
 from vrangefs.vrange import VrangeRoot
@@ -742,21 +742,21 @@ class Volume:
 
     def pins(self, ino: int) -> list[PinInfo]:
         """The file's live pins, sorted by (start, end, tgid)."""
-        self._regular(ino)
-        pins = self.reclaim.pins.of(ino)
-        return pins.listing() if pins is not None else []
+        return [PinInfo(*row) for row in self.pin_rows(ino)]
 
     def pin_rows(self, ino: int) -> list[tuple[int, int, int, int]]:
         """:meth:`pins` as (start, end, tgid, count) tuples, for listing many."""
-        self._regular(ino)
-        pins = self.reclaim.pins.of(ino)
+        pins = self._pins_of(ino)
         return pins.rows() if pins is not None else []
 
     def pin_records(self, ino: int) -> int:
         """How many distinct (range, process) pins the file has: O(1)."""
-        self._regular(ino)
-        pins = self.reclaim.pins.of(ino)
+        pins = self._pins_of(ino)
         return len(pins) if pins is not None else 0
+
+    def _pins_of(self, ino: int) -> InodePins | None:
+        self._regular(ino)
+        return self.reclaim.pins.of(ino)
 
     def release_owner(self, tgid: int) -> int:
         """Process *tgid* exited: drop all its pins; returns how many (counted) went."""
