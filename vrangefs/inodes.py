@@ -136,7 +136,7 @@ class Inode:
         self.kept = False  # marked non-volatile as a whole: a cache directory keeps it
         self.evicted = False  # evicted from a cache directory: gone, though the kernel may know it
         self.ghosts = 0  # names it had when evicted that the kernel has yet to unlink
-        self.reaping = False  # dead, its many volatile units being dropped in slices
+        self.reaping = False  # dead, its many page-table chunks being freed in slices
 
     def links(self) -> list[tuple[int, bytes]]:
         """Every (directory inode, name) of this inode."""

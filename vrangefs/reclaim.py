@@ -215,12 +215,14 @@ class Reclaim:
             if not unit.purged:
                 if unit.pinned:
                     self.pinned_pages -= resident
+                    root.parked_pages -= resident
                 else:
                     self.volatile_pages -= resident
+                    root.queued_pages -= resident
             root.mark_volatile(start, end, found, queue=False)
         else:
             if found:
-                self._uncount(data, found)
+                self._uncount(root, data, found)
             unit = root.mark_volatile(start, end, found, queue=False)
             self.units += 1 - len(found)
             resident = _resident(data, unit.start, unit.end)
@@ -228,14 +230,16 @@ class Reclaim:
         if self.pins.covers(root.ino, unit.start, unit.end):
             unit.pinned = True
             self.pinned_pages += resident
+            root.parked_pages += resident
             return
         self.volatile_pages += resident
+        root.queued_pages += resident
         if resident:  # else nothing to free: a write queues it
-            self.order.add(unit)
+            root.queue(unit)
 
     def mark_nonvolatile(self, root: VrangeRoot, data: FileData, start: int, end: int) -> None:
         units = len(root)
-        self._uncount(data, root.mark_nonvolatile(start, end))
+        self._uncount(root, data, root.mark_nonvolatile(start, end))
         self.units += len(root) - units
         # The pieces left of a split unit inherited its pin flag; pins may not hold them.
         if start:
@@ -245,30 +249,40 @@ class Reclaim:
     def truncate(self, root: VrangeRoot, data: FileData, page_count: int) -> None:
         """Pages from *page_count* on are about to be cut from the file."""
         units = len(root)
-        self._uncount(data, root.truncate(page_count))
+        self._uncount(root, data, root.truncate(page_count))
         self.units += len(root) - units
         if page_count:
             self._recheck_pin(root, data, root.unit_at(page_count - 1))
 
-    def forget(self, ino: int, root: VrangeRoot | None, data: FileData | None) -> None:
-        """The inode is being freed: its units and pins go."""
+    def forget(
+        self, ino: int, root: VrangeRoot | None, data: FileData | None
+    ) -> list[list[PurgeUnit]]:
+        """The inode is being freed: its units and pins go.
+
+        Its units leave at once, however many (see VrangeRoot.drop); they are returned in
+        chunks, for the caller to let go of a few at a time.
+        """
         self.pins.forget_inode(ino)
         if data is not None:
             self.cache_leave(ino, data)
-        if root is not None:
-            assert data is not None
-            self.units -= len(root)
-            self._uncount(data, root.clear())
+        if root is None:
+            return []
+        self.units -= len(root)
+        self.volatile_pages -= root.queued_pages
+        self.pinned_pages -= root.parked_pages
+        return root.drop()
 
-    def _uncount(self, data: FileData, units: Iterable[PurgeUnit]) -> None:
+    def _uncount(self, root: VrangeRoot, data: FileData, units: Iterable[PurgeUnit]) -> None:
         """Units (or pieces cut from them) stop being volatile: uncount their resident pages."""
         for unit in units:
             if not unit.purged:
                 resident = _resident(data, unit.start, unit.end)
                 if unit.pinned:
                     self.pinned_pages -= resident
+                    root.parked_pages -= resident
                 else:
                     self.volatile_pages -= resident
+                    root.queued_pages -= resident
 
     # -- pins ------------------------------------------------------------------
     def pin(self, ino: int, start: int, end: int, tgid: int, uid: int) -> None:
@@ -287,11 +301,12 @@ class Reclaim:
             return
         for unit in root.units_overlapping(start, end):
             if not unit.pinned:
-                if unit in self.order:
-                    self.order.discard(unit)
+                if root.unqueue(unit):
                     resident = data.resident_in(unit.start, unit.end)
                     self.volatile_pages -= resident
                     self.pinned_pages += resident
+                    root.queued_pages -= resident
+                    root.parked_pages += resident
                 unit.pinned = True  # not queued and not purged: it holds no page yet
 
     def unpin(self, ino: int, start: int, end: int, tgid: int) -> None:
@@ -342,7 +357,9 @@ class Reclaim:
         if resident:
             self.pinned_pages -= resident
             self.volatile_pages += resident
-            self.order.add(unit)
+            root.parked_pages -= resident
+            root.queued_pages += resident
+            root.queue(unit)
 
     def write(self, root: VrangeRoot | None, data: FileData, off: int, buf: bytes) -> int:
         """Write *buf* at *off*, purging volatile units for room; NoSpaceError if none is left.
@@ -381,10 +398,12 @@ class Reclaim:
             unit.purged = False  # a page of it holds data again (if it did not already)
             if unit.pinned:
                 self.pinned_pages += gained
+                root.parked_pages += gained
                 continue
             if unit not in order:
-                order.add(unit)
+                root.queue(unit)
             self.volatile_pages += gained
+            root.queued_pages += gained
         return written
 
     # -- cache-directory files ------------------------------------------------------
@@ -554,9 +573,10 @@ class Reclaim:
         assert root is not None and unit in self.order, f"{unit!r} is not purgeable"
         freed = data.purge(unit.start, unit.end)
         if not freed:  # its pages went otherwise (truncate, split): nothing to purge
-            self.order.discard(unit)
+            root.unqueue(unit)
             return 0
         self.volatile_pages -= freed
+        root.queued_pages -= freed
         root.mark_purged(unit)
         self._purged_pages[cause] += freed
         self._purge_events[cause] += 1
@@ -617,16 +637,21 @@ class Reclaim:
         for data, root in files:
             root.check_invariants()
             units += len(root)
+            root_queued = root_parked = 0
             for unit in root.units():
                 resident = data.resident_in(unit.start, unit.end)
                 pinned = self.pins.covers(root.ino, unit.start, unit.end)
                 assert unit.pinned == pinned, f"{unit!r}: pinned flag wrong"
                 if unit in self.order:
-                    queued += resident
+                    root_queued += resident
                 elif unit.pinned and not unit.purged:
-                    parked += resident
+                    root_parked += resident
                 else:
                     assert not resident, f"{unit!r} holds pages but is not queued"
+            assert root.queued_pages == root_queued, (root, root.queued_pages, root_queued)
+            assert root.parked_pages == root_parked, (root, root.parked_pages, root_parked)
+            queued += root_queued
+            parked += root_parked
         assert queued == self.volatile_pages, (queued, self.volatile_pages)
         assert parked == self.pinned_pages, (parked, self.pinned_pages)
         assert units == self.units, (units, self.units)

@@ -35,7 +35,7 @@ from vrangefs.pagestore import (
 from vrangefs.pins import InodePins, NotPinnedError, PinInfo, PinLimitError
 from vrangefs.protocol import PurgeCause, nonvolatile_pages, pin_pages, volatile_pages
 from vrangefs.reclaim import Reclaim, worth_evicting
-from vrangefs.vrange import VrangeRoot
+from vrangefs.vrange import PurgeUnit, VrangeRoot
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,12 @@ class Volume:
         # Names of evicted files the kernel has not unlinked yet (see ghost_unlink).
         self.ghosts: dict[tuple[int, bytes], int] = {}
         self.lingering = 0  # evicted inodes still in the table (the kernel knows them)
-        # Dead inodes whose units are many, for reaping() to drop in slices; on_reap is
-        # told when one is queued (the daemon then runs the job).
+        # Dead inodes whose page tables are big, for reaping() to free in slices; on_reap
+        # is told when one is queued (the daemon then runs the job).
         self._reap_queue: deque[Inode] = deque()
+        # Units of freed inodes, in index chunks, for reaping() to let go of a few at a
+        # time (see VrangeRoot.drop).
+        self._dropped_units: deque[list[PurgeUnit]] = deque()
         # Processes that exited holding pins, for reaping() to release them in slices.
         self._exited: deque[int] = deque()
         self.on_reap: Callable[[], None] | None = None
@@ -153,17 +156,23 @@ class Volume:
     # -- reaping -------------------------------------------------------------------
     def reaping(self) -> Iterator[None]:
         """A job that releases the pins of exited processes and frees the dead inodes
-        with many volatile units or page-table chunks, slice by slice.
+        with many page-table chunks, slice by slice.
 
         An exited process's remaining pins hold their pages meanwhile (a new process
-        with its pid waits, see :meth:`releasing`). A dead inode's units stay
-        purgeable meanwhile, so its data goes with the units it holds; nothing else
-        can reach it (no name, no open file, no lookup).
+        with its pid waits, see :meth:`releasing`). A dead inode's units went when it
+        died; its data waits for the job, but nothing can reach it (no name, no open
+        file, no lookup).
 
         First it hands freed memory back to the kernel (see
-        :meth:`PageStore.return_some`): a few thousand pages per step.
+        :meth:`PageStore.return_some`): a few thousand pages per step; then it lets go
+        of the units of freed inodes, a few index chunks per step.
         """
         while self.store.return_some():
+            yield
+        dropped = self._dropped_units
+        while dropped:
+            for _ in range(min(UNIT_CHUNKS_PER_STEP, len(dropped))):
+                dropped.popleft()
             yield
         while self._exited:
             tgid = self._exited[0]
@@ -175,10 +184,8 @@ class Volume:
             log.debug("process %d exited: %d pins released", tgid, released)
         while self._reap_queue:
             inode = self._reap_queue.popleft()
-            data, root = inode.data, inode.vroot
-            if data is not None and root is not None and len(root):
-                yield from self._unmarking(inode, data, 0, root.last_page())
-            if data is not None and inode.data is data:
+            data = inode.data
+            if data is not None:
                 yield from self.truncating(inode, 0)
             inode.reaping = False
             self._release_if_dead(inode)
@@ -259,24 +266,31 @@ class Volume:
         """
         if inode.alive or inode.ino == ROOT_INO:
             return
-        if (inode.vroot is not None and len(inode.vroot) > UNITS_PER_SLICE) or (
-            inode.data is not None and inode.data.chunk_count > CHUNKS_PER_STEP
-        ):
-            # Dropping many units or chunks is long: done in slices by the reaper, then
-            # freed here.
-            inode.reaping = True
-            self._reap_queue.append(inode)
-            if self.on_reap is not None:
-                self.on_reap()
-            return
+        if inode.data is not None:
+            self._forget_volatility(inode)
+            if inode.data.chunk_count > CHUNKS_PER_STEP:
+                # Freeing many chunks is long: done in slices by the reaper, then freed here.
+                inode.reaping = True
+                self._reap_queue.append(inode)
+                if self.on_reap is not None:
+                    self.on_reap()
+                return
         self.budget.force(-_inode_bytes(inode))
         if inode.evicted:
             self.lingering -= 1
         if inode.data is not None:
-            self.reclaim.forget(inode.ino, inode.vroot, inode.data)  # its units and pins
-            inode.vroot = None
             inode.data.free()
         self.inodes.remove(inode.ino)
+
+    def _forget_volatility(self, inode: Inode) -> None:
+        """The file is going: its units and pins go now, whatever their number."""
+        assert inode.data is not None
+        dropped = self.reclaim.forget(inode.ino, inode.vroot, inode.data)
+        inode.vroot = None
+        if dropped:
+            self._dropped_units.extend(dropped)
+            if self.on_reap is not None:
+                self.on_reap()
 
     # -- creating -----------------------------------------------------------
     def _new_child(
@@ -874,8 +888,7 @@ class Volume:
         inode.ghosts = len(names)
         inode.nlink = 0
         inode.evicted = True
-        self.reclaim.forget(ino, inode.vroot, inode.data)  # units, pins, order
-        inode.vroot = None
+        self._forget_volatility(inode)
         inode.data.free()
         inode.data = None
         self.budget.force(-budget.FILE_BYTES)
@@ -1118,8 +1131,9 @@ class Volume:
 
 
 UNITS_PER_SLICE = 50
-FILES_PER_SLICE = 100  # files of a directory that becomes a cache directory, or stops being one
 """Units one slice of a big mark or unmark changes (about 1 ms of work)."""
+FILES_PER_SLICE = 100  # files of a directory that becomes a cache directory, or stops being one
+UNIT_CHUNKS_PER_STEP = 4  # index chunks of freed units let go per step (each up to 1,024)
 
 
 def default_metadata_cap(cap_bytes: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import gc
 import random
+import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -30,7 +31,9 @@ def root(order: PurgeOrder) -> Iterator[VrangeRoot]:
 def pop_oldest(order: PurgeOrder) -> PurgeUnit | None:
     """Take the least recently marked unit out of the order, as reclaim does."""
     unit = order.oldest()
-    if unit is not None:
+    if unit is not None and unit.root is not None:
+        unit.root.unqueue(unit)
+    elif unit is not None:
         order.discard(unit)
     return unit
 
@@ -215,19 +218,57 @@ def test_truncate(root: VrangeRoot, order: PurgeOrder) -> None:
     assert root.truncate(0) == []
 
 
-def test_clear(root: VrangeRoot, order: PurgeOrder) -> None:
-    other = VrangeRoot(8, order)
+def test_drop(order: PurgeOrder) -> None:
+    root, other = VrangeRoot(7, order), VrangeRoot(8, order)
     a = root.mark_volatile(0, 4)
     b = root.mark_volatile(6, 8)
     kept = other.mark_volatile(0, 1)
     root.mark_purged(b)
-    assert root.clear() == [a, b]
+    assert [unit for chunk in root.drop() for unit in chunk] == [a, b]
     assert len(root) == 0
     assert root.volatile_page_count() == 0
+    assert len(order) == 1
     assert list(order) == [kept]
-    assert root.unit_at(0) is None
-    root.mark_volatile(0, 2)
+    assert order.oldest() is kept
     other.check_invariants()
+    order.check_invariants()
+
+
+def test_drop_takes_many_units_out_of_the_order_at_once(order: PurgeOrder) -> None:
+    """Dropping a root of 10,000 queued units among 100,000 does not visit them (as quick
+    as dropping one of 10, within a generous factor): their entries go stale together and
+    the order skips them after."""
+    small, big, others = VrangeRoot(1, order), VrangeRoot(2, order), VrangeRoot(3, order)
+    for page in range(10):
+        small.mark_volatile(page * 2, page * 2 + 1)
+    for page in range(10_000):
+        big.mark_volatile(page * 2, page * 2 + 1)
+    kept = [others.mark_volatile(page * 2, page * 2 + 1) for page in range(90_000)]
+    started = time.perf_counter()
+    small.drop()
+    small_took = time.perf_counter() - started
+    started = time.perf_counter()
+    chunks = big.drop()
+    big_took = time.perf_counter() - started
+    assert sum(map(len, chunks)) == 10_000
+    assert big_took < max(50 * small_took, 0.002), (big_took, small_took)
+    assert len(order) == 90_000 and len(order._heap) == 100_010  # stale, not yet dropped
+    assert pop_oldest(order) is kept[0]
+    order.check_invariants()
+
+
+def test_drop_of_most_of_the_order_filters_it_at_once(order: PurgeOrder) -> None:
+    """When the stale entries would cost the next purge more to pop (about 1 us each)
+    than filtering the heap (about a sixth of that per entry), the heap is filtered."""
+    big, other = VrangeRoot(2, order), VrangeRoot(3, order)
+    for page in range(50_000):
+        big.mark_volatile(page * 2, page * 2 + 1)
+    newest = other.mark_volatile(0, 1)
+    big.drop()
+    assert len(order) == 1 and len(order._heap) == 1 and not order._draining
+    assert pop_oldest(order) is newest
+    assert order.oldest() is None
+    order.check_invariants()
 
 
 def test_order_is_oldest_first_across_roots(order: PurgeOrder) -> None:
@@ -298,6 +339,30 @@ def test_order_compacts_discarded_entries(order: PurgeOrder) -> None:
             order.add(unit)
     assert len(order._heap) <= 2 * len(order) + 100
     assert list(order) == units[::2]
+    order.check_invariants()
+
+
+def test_order_compacts_a_big_heap_a_little_per_call(order: PurgeOrder) -> None:
+    """Past _COMPACT_AT_ONCE entries a compaction is spread over later calls: no call
+    rebuilds the heap, and the order stays right meanwhile."""
+    units = [PurgeUnit(1, page, page + 1, order.next_seq()) for page in range(40_000)]
+    for unit in units:
+        order.add(unit)
+    for unit in units[:20_100]:  # stale entries outnumber the live ones: compaction starts
+        order.discard(unit)
+    assert order._draining and len(order._heap) < 1000
+    assert order.oldest() is units[20_100]
+    order.check_invariants()
+    later = [PurgeUnit(1, page, page + 1, order.next_seq()) for page in range(40_000, 40_100)]
+    for unit in later:  # new units join the new heap while the old one drains
+        order.add(unit)
+    calls = 0
+    while order._draining:
+        order.oldest()
+        calls += 1
+    assert calls <= 20_000 // vrange._DRAIN_PER_CALL + 1
+    assert len(order._heap) == len(order) == 19_900 + 100
+    assert list(order) == units[20_100:] + later
     order.check_invariants()
 
 

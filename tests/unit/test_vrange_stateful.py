@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -39,11 +40,21 @@ class VrangeMachine(RuleBasedStateMachine):
     # Index chunks of at most 4 units, merged at 1: a root of a few units splits and
     # merges them all the time (the daemon's chunks hold hundreds).
     LOAD = 2
+    # Compactions of the purge order at a few stale entries, progressive past four, one
+    # entry per call: a short run goes through all their states.
+    COMPACTION: ClassVar[dict[str, int]] = {
+        "_COMPACT_MIN": 2,
+        "_COMPACT_AT_ONCE": 4,
+        "_DRAIN_PER_CALL": 1,
+    }
 
     def __init__(self) -> None:
         super().__init__()
         self._saved_load = vrange._LOAD
         vrange._LOAD = self.LOAD
+        self._saved_compaction = {name: getattr(vrange, name) for name in self.COMPACTION}
+        for name, value in self.COMPACTION.items():
+            setattr(vrange, name, value)
         self.order = PurgeOrder()
         self.roots = {ino: VrangeRoot(ino, self.order) for ino in INOS}
         # The model: per inode, page -> unit id; per unit id, its seq and purged flag.
@@ -54,6 +65,8 @@ class VrangeMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         vrange._LOAD = self._saved_load
+        for name, value in self._saved_compaction.items():
+            setattr(vrange, name, value)
 
     # Model helpers
 
@@ -130,9 +143,10 @@ class VrangeMachine(RuleBasedStateMachine):
 
     @rule(ino=inos)
     def unlink(self, ino: int) -> None:
-        cut = self.roots[ino].clear()
+        dropped = [unit for chunk in self.roots[ino].drop() for unit in chunk]
         expected = self.drop(ino, set(self.pages[ino]))
-        assert [page for page, _, _ in self.per_page(cut)] == [page for page, _, _ in expected]
+        assert [page for page, _, _ in self.per_page(dropped)] == [page for page, _, _ in expected]
+        self.roots[ino] = VrangeRoot(ino, self.order)  # a new file, as inode numbers go
 
     @rule()
     def purge_oldest(self) -> None:
@@ -161,7 +175,7 @@ class VrangeMachine(RuleBasedStateMachine):
         if unit is not None and uid is not None and self.units[uid].purged:
             assert unit.purged and unit not in self.order
             unit.purged = False
-            self.order.add(unit)
+            self.roots[ino].queue(unit)
             self.units[uid].purged = False
 
     # Checks after every step
