@@ -27,6 +27,8 @@ Operations (default sizes; ``--scale`` multiplies them):
 - ``exit``: SIGKILL of a process holding 100,000 one-page pins, until the stats show none.
 - ``bigunit``: a 16 MiB write at the cap that purges one volatile unit of 256 MiB;
 - ``bigfile``: the same, evicting a closed 256 MiB file of a cache directory.
+- ``manyunits``: the same, evicting a closed file of a cache directory that holds 100,000
+  one-page volatile units (with data).
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
     entries = int(20_000 * scale)
     pins = int(100_000 * scale)
     big_mib = int(256 * scale)
+    cached_units = int(100_000 * scale)
     return {
         "unmark": (
             "1G",
@@ -234,6 +237,11 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
             lambda m: one_cached_file(m / "cache", big_mib),
             lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
         ),
+        "manyunits": (
+            f"{cached_units * PAGE // MiB + 24}M",
+            lambda m: cached_units_file(m / "cache", cached_units),
+            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
+        ),
     }
 
 
@@ -255,6 +263,13 @@ def one_cached_file(directory: Path, mib: int) -> None:
     directory.mkdir()
     os.setxattr(directory, "user.vrange.cache_dir", b"1")
     fill(directory / "big", mib)
+
+
+def cached_units_file(directory: Path, units: int) -> None:
+    """A closed file of a cache directory with *units* one-page volatile units."""
+    directory.mkdir()
+    os.setxattr(directory, "user.vrange.cache_dir", b"1")
+    mark_units(directory / "many", units, with_data=True)
 
 
 # -- one scenario ---------------------------------------------------------------------------
