@@ -27,7 +27,7 @@ DIRECTORY_BYTES = 430  # a Directory: its entry and cookie maps, beyond the inod
 SYMLINK_BYTES = 10  # beyond the inode, plus the target's length
 NAME_BYTES = 200  # a directory entry in every map of its directory, plus its length
 XATTR_BYTES = 160  # one stored xattr, plus the lengths of its name and value
-UNIT_BYTES = 270  # a volatile unit: PurgeUnit and its ints, purge-order entry, index slot
+UNIT_BYTES = 280  # a volatile unit: PurgeUnit, its ints, order entry, index slot (273 B traced)
 PIN_BYTES = 400  # one pin record (a process's pin of one range, however often held)
 CHUNK_BYTES = 1200  # one page-table chunk (1 MiB of a file's pages)
 
