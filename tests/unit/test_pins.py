@@ -413,7 +413,7 @@ def test_parked_units_cost_purges_nothing() -> None:
     vol.pin(f, 0, n * P, A, UID)
     g = volatile_file(vol, b"g", 1)
     order = vol.reclaim.order
-    assert len(order) == 1 and len(order._heap) <= 2 * len(order) + 64
+    assert len(order) == 1 and order._entries <= 2 * len(order) + 64
     assert vol.reclaim.purge_all() == 1
     assert not intact(vol, g) and intact(vol, f)
     vol.unpin(f, 0, n * P, A)

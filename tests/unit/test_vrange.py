@@ -252,20 +252,24 @@ def test_drop_takes_many_units_out_of_the_order_at_once(order: PurgeOrder) -> No
     big_took = time.perf_counter() - started
     assert sum(map(len, chunks)) == 10_000
     assert big_took < max(50 * small_took, 0.002), (big_took, small_took)
-    assert len(order) == 90_000 and len(order._heap) == 100_010  # stale, not yet dropped
+    assert len(order) == 90_000 and order._entries == 100_010  # stale, not yet dropped
     assert pop_oldest(order) is kept[0]
     order.check_invariants()
 
 
-def test_drop_of_most_of_the_order_filters_it_at_once(order: PurgeOrder) -> None:
-    """When the stale entries would cost the next purge more to pop (about 1 us each)
-    than filtering the heap (about a sixth of that per entry), the heap is filtered."""
+def test_stale_entries_at_the_front_are_skipped_cheaply(order: PurgeOrder) -> None:
+    """50,000 stale entries of a dropped root in front of the only live one: the next
+    oldest() skips and deletes them in well under a heap's 1 us per entry."""
     big, other = VrangeRoot(2, order), VrangeRoot(3, order)
     for page in range(50_000):
         big.mark_volatile(page * 2, page * 2 + 1)
     newest = other.mark_volatile(0, 1)
     big.drop()
-    assert len(order) == 1 and len(order._heap) == 1 and not order._draining
+    started = time.perf_counter()
+    assert order.oldest() is newest
+    took = time.perf_counter() - started
+    assert order._entries == 1 and len(order) == 1
+    assert took < 0.05, took  # about 5 ms here; a heap popped them in about 50 ms
     assert pop_oldest(order) is newest
     assert order.oldest() is None
     order.check_invariants()
@@ -337,32 +341,33 @@ def test_order_compacts_discarded_entries(order: PurgeOrder) -> None:
         for unit in units[::2]:
             order.discard(unit)
             order.add(unit)
-    assert len(order._heap) <= 2 * len(order) + 100
+    assert order._entries <= 2 * len(order) + 100
     assert list(order) == units[::2]
     order.check_invariants()
 
 
-def test_order_compacts_a_big_heap_a_little_per_call(order: PurgeOrder) -> None:
-    """Past _COMPACT_AT_ONCE entries a compaction is spread over later calls: no call
-    rebuilds the heap, and the order stays right meanwhile."""
+def test_order_compacts_a_chunk_per_call(order: PurgeOrder) -> None:
+    """Once stale entries outnumber live ones, each later call filters one chunk: no
+    call rebuilds the whole order, and it stays right meanwhile."""
     units = [PurgeUnit(1, page, page + 1, order.next_seq()) for page in range(40_000)]
     for unit in units:
         order.add(unit)
-    for unit in units[:20_100]:  # stale entries outnumber the live ones: compaction starts
+    chunks = len(order._chunks)
+    for unit in [*units[1:40_000:2], units[0], units[2]]:  # stale ones everywhere
         order.discard(unit)
-    assert order._draining and len(order._heap) < 1000
-    assert order.oldest() is units[20_100]
+    assert order._compacting >= 0 and order._entries > 39_000
+    assert order.oldest() is units[4]
     order.check_invariants()
     later = [PurgeUnit(1, page, page + 1, order.next_seq()) for page in range(40_000, 40_100)]
-    for unit in later:  # new units join the new heap while the old one drains
+    for unit in later:
         order.add(unit)
     calls = 0
-    while order._draining:
+    while order._compacting >= 0:
         order.oldest()
         calls += 1
-    assert calls <= 20_000 // vrange._DRAIN_PER_CALL + 1
-    assert len(order._heap) == len(order) == 19_900 + 100
-    assert list(order) == units[20_100:] + later
+    assert calls <= chunks + 1
+    assert order._entries == len(order) == 19_998 + 100
+    assert list(order) == units[4:40_000:2] + later
     order.check_invariants()
 
 
@@ -374,7 +379,7 @@ def test_order_cost_does_not_grow_with_size() -> None:
             order.add(PurgeUnit(1, page, page + 1, order.next_seq()))
         assert pop_oldest(order) is not None
         assert len(order) == size - 1
-        assert len(order._heap) <= size  # the popped entry is dropped lazily
+        assert order._entries <= size  # the popped entry is dropped lazily
 
 
 def test_seq_increases(order: PurgeOrder) -> None:

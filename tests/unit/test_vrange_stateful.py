@@ -40,13 +40,9 @@ class VrangeMachine(RuleBasedStateMachine):
     # Index chunks of at most 4 units, merged at 1: a root of a few units splits and
     # merges them all the time (the daemon's chunks hold hundreds).
     LOAD = 2
-    # Compactions of the purge order at a few stale entries, progressive past four, one
-    # entry per call: a short run goes through all their states.
-    COMPACTION: ClassVar[dict[str, int]] = {
-        "_COMPACT_MIN": 2,
-        "_COMPACT_AT_ONCE": 4,
-        "_DRAIN_PER_CALL": 1,
-    }
+    # Purge-order chunks of at most 4 entries, compactions at a few stale entries: a
+    # short run goes through all their states.
+    COMPACTION: ClassVar[dict[str, int]] = {"_COMPACT_MIN": 2, "_ORDER_LOAD": 2}
 
     def __init__(self) -> None:
         super().__init__()
