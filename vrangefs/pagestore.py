@@ -113,10 +113,10 @@ def _slots_of(entries: array[int]) -> array[int]:
     itself when it holds no hole or purged page; the few slots of a sparse piece found
     with bytes.find in the entries' top bytes (a slot's has the high bit clear); else
     the tail once sorted."""
+    if _all_slots(entries):
+        return entries
     if _LITTLE_ENDIAN:
         tops = entries.tobytes()[3::4]
-        if tops.isascii():
-            return entries
         if tops.count(0xFF) >= len(tops) - _SPARSE_SLOTS:
             marks = tops.translate(_SLOT_MARKS)
             found = array("i")
@@ -125,8 +125,6 @@ def _slots_of(entries: array[int]) -> array[int]:
                 found.append(entries[i])
                 i = marks.find(1, i + 1)
             return found
-    elif min(entries, default=0) >= 0:
-        return entries
     cut = sorted(entries)
     return array("i", cut[bisect.bisect_left(cut, 0) :])
 

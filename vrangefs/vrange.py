@@ -225,7 +225,7 @@ class PurgeOrder:
             chunk = chunks[0]
             for i, entry in enumerate(chunk):
                 unit = entry[2]
-                if unit._entry is entry and (unit.root is None or not unit.root.dead):
+                if unit._entry is entry and (unit.root is None or not unit.root.dead):  # _is_live
                     if i:
                         del chunk[:i]
                         self._entries -= i
