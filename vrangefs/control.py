@@ -264,7 +264,7 @@ def stats(volume: Volume) -> dict[str, int | str]:
         low_watermark_bytes=r.low_pages * PAGE_SIZE,
         daemon_rss_bytes=rss,
         page_pool_bytes=volume.store.pool_pages * PAGE_SIZE,
-        returning_bytes=volume.store.returning_pages * PAGE_SIZE,
+        returning_bytes=(volume.store.returning_pages + volume.store.pending_pages) * PAGE_SIZE,
         metadata_bytes=volume.budget.used,
         metadata_cap=volume.budget.cap,
     )

@@ -104,7 +104,6 @@ class Inode:
         "opens",
         "parent",
         "rdev",
-        "reaping",
         "target",
         "uid",
         "vroot",
@@ -136,7 +135,6 @@ class Inode:
         self.kept = False  # marked non-volatile as a whole: a cache directory keeps it
         self.evicted = False  # evicted from a cache directory: gone, though the kernel may know it
         self.ghosts = 0  # names it had when evicted that the kernel has yet to unlink
-        self.reaping = False  # dead, its many page-table chunks being freed in slices
 
     def links(self) -> list[tuple[int, bytes]]:
         """Every (directory inode, name) of this inode."""
@@ -201,9 +199,7 @@ class Inode:
 
     @property
     def alive(self) -> bool:
-        return (
-            self.nlink > 0 or self.lookups > 0 or self.opens > 0 or self.ghosts > 0 or self.reaping
-        )
+        return self.nlink > 0 or self.lookups > 0 or self.opens > 0 or self.ghosts > 0
 
 
 class InodeTable:

@@ -120,9 +120,13 @@ async def _purging(reclaim: Reclaim, pages: int, invalidator: Invalidator) -> tu
 
 async def _return_freed(store: PageStore) -> int:
     """Hand every freed page the daemon still holds back to the kernel, the ones waiting
-    to be returned a step at a time, then the pool; returns how many."""
+    to be returned (and those in the tables of freed files) a step at a time, then the
+    pool; returns how many."""
     returned = 0
-    while got := store.return_some():
+    while True:
+        got = store.return_some()
+        if not got and not store.free_pending():
+            break
         returned += got
         await trio.sleep(0)
     return returned + store.trim_pool()

@@ -24,7 +24,6 @@ from vrangefs.budget import MetadataBudget, MetadataFullError
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO, Directory, Inode, InodeTable, now_ns
 from vrangefs.pagestore import (
-    CHUNKS_PER_STEP,
     PAGE_SIZE,
     FileData,
     NoSpaceError,
@@ -115,14 +114,12 @@ class Volume:
         # Names of evicted files the kernel has not unlinked yet (see ghost_unlink).
         self.ghosts: dict[tuple[int, bytes], int] = {}
         self.lingering = 0  # evicted inodes still in the table (the kernel knows them)
-        # Dead inodes whose page tables are big, for reaping() to free in slices; on_reap
-        # is told when one is queued (the daemon then runs the job).
-        self._reap_queue: deque[Inode] = deque()
         # Units of freed inodes, in index chunks, for reaping() to let go of a few at a
         # time (see VrangeRoot.drop).
         self._dropped_units: deque[list[PurgeUnit]] = deque()
         # Processes that exited holding pins, for reaping() to release them in slices.
         self._exited: deque[int] = deque()
+        # Told when there is work for reaping() (the daemon then runs the job).
         self.on_reap: Callable[[], None] | None = None
         self.purged_reads_zeros = purged_reads_zeros
         self.max_inodes = max_inodes if max_inodes is not None else max(store.capacity_pages, 1024)
@@ -155,19 +152,18 @@ class Volume:
 
     # -- reaping -------------------------------------------------------------------
     def reaping(self) -> Iterator[None]:
-        """A job that releases the pins of exited processes and frees the dead inodes
-        with many page-table chunks, slice by slice.
-
-        An exited process's remaining pins hold their pages meanwhile (a new process
-        with its pid waits, see :meth:`releasing`). A dead inode's units went when it
-        died; its data waits for the job, but nothing can reach it (no name, no open
-        file, no lookup).
+        """A job that hands freed memory back and releases the pins of exited
+        processes, slice by slice.
 
         First it hands freed memory back to the kernel (see
-        :meth:`PageStore.return_some`): a few thousand pages per step; then it lets go
-        of the units of freed inodes, a few index chunks per step.
+        :meth:`PageStore.return_some`), a few thousand pages per step, and lets go of
+        the page tables of freed files (:meth:`PageStore.free_pending`), a few dozen
+        chunks per step; then of the units of freed inodes, a few index chunks per step.
+        An exited process's remaining pins hold their pages meanwhile (a new process
+        with its pid waits, see :meth:`releasing`).
         """
-        while self.store.return_some():
+        store = self.store
+        while store.return_some() or store.free_pending():
             yield
         dropped = self._dropped_units
         while dropped:
@@ -182,14 +178,6 @@ class Volume:
                 yield
             self._exited.popleft()
             log.debug("process %d exited: %d pins released", tgid, released)
-        while self._reap_queue:
-            inode = self._reap_queue.popleft()
-            data = inode.data
-            if data is not None:
-                yield from self.truncating(inode, 0)
-            inode.reaping = False
-            self._release_if_dead(inode)
-            yield
 
     # -- lookups ------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
@@ -268,18 +256,10 @@ class Volume:
             return
         if inode.data is not None:
             self._forget_volatility(inode)
-            if inode.data.chunk_count > CHUNKS_PER_STEP:
-                # Freeing many chunks is long: done in slices by the reaper, then freed here.
-                inode.reaping = True
-                self._reap_queue.append(inode)
-                if self.on_reap is not None:
-                    self.on_reap()
-                return
+            inode.data.free()  # a big table is left to the store (PageStore.defer)
         self.budget.force(-_inode_bytes(inode))
         if inode.evicted:
             self.lingering -= 1
-        if inode.data is not None:
-            inode.data.free()
         self.inodes.remove(inode.ino)
 
     def _forget_volatility(self, inode: Inode) -> None:
@@ -1045,7 +1025,11 @@ class Volume:
                     self.budget.check(nbytes, what)
                 return
             except MetadataFullError as e:
-                # Closed cache-directory files make room, least recently used first.
+                # The tables of freed files go first (a few dozen chunks at a time, as
+                # many as it takes), then closed cache-directory files, least recently
+                # used first.
+                if self.store.free_pending():
+                    continue
                 if not self.reclaim.evict_file(PurgeCause.CAP, spare):
                     raise FsError(errno.ENOSPC, str(e)) from None
 
@@ -1098,7 +1082,7 @@ class Volume:
             if inode.data is not None:
                 chunks += len(inode.data._chunks)
         assert charged == self.budget.charged, (charged, self.budget.charged)
-        assert chunks == self.store.chunks, (chunks, self.store.chunks)
+        assert chunks + self.store.pending_chunks == self.store.chunks, (chunks, self.store.chunks)
 
     def _check_cache_files(self) -> None:
         reclaim = self.reclaim

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from vrangefs import budget
 from vrangefs.errors import FsError
 from vrangefs.inodes import ROOT_INO
-from vrangefs.pagestore import PAGE_SIZE, PageStore
+from vrangefs.pagestore import CHUNKS_PER_STEP, PAGE_SIZE, PageStore
+from vrangefs.protocol import PurgeCause
 from vrangefs.volume import Caller, Volume
 
 ROOT = Caller(0, 0)
@@ -162,4 +163,45 @@ def test_exactly_at_the_cap_fits_and_one_byte_over_does_not(
             act()
         assert raised.value.errno == errno.ENOSPC
         assert vol.budget.used == used
+    vol.check_invariants()
+
+
+@pytest.mark.parametrize("how", ["unlink", "evict"])
+def test_the_table_of_a_freed_file_is_room_at_once(how: str) -> None:
+    """A freed file's big page table waits for the reaper (PageStore.defer), its chunks
+    still counted; metadata that needs their room gets it at once: the charge lets go of
+    pending chunks, a few dozen at a time, before it would refuse or evict more."""
+    vol = new_volume(metadata_cap=1 << 30)
+    vol.store.on_returning = lambda: None  # a daemon's reaper, never run here
+    d = vol.mkdir(ROOT_INO, b"cache", 0o755, ROOT).ino
+    vol.set_cache_dir(d, how == "evict")
+    f = vol.create(d, b"sparse", 0o644, ROOT).ino
+    chunks = 300
+    for ci in range(chunks):
+        vol.write(f, ci << 20, b"s")
+    vol.release(f)
+    keep = regular(vol, b"keep")
+    vol.budget.cap = vol.budget.used + 1000  # room for a 1 KB xattr value, not for 180 KB
+    if how == "unlink":
+        vol.unlink(d, b"sparse")
+        vol.forget(f, 1)
+    assert vol.store.pending_chunks == (chunks if how == "unlink" else 0)
+    for name in (b"user.a", b"user.b", b"user.c"):
+        vol.setxattr(keep, name, b"v" * 60_000)
+        assert vol.find_xattr(keep, name) == b"v" * 60_000
+    assert vol.budget.used <= vol.budget.cap
+    assert vol.reclaim.statistics().evicted_files[PurgeCause.CAP] == (how == "evict")
+    values = 3 * budget.xattr_bytes(b"user.a", b"v" * 60_000)
+    let_go = chunks - vol.store.pending_chunks
+    # It had to let go of about 150 chunks' room, and no more than a step more per charge:
+    # the rest waits for the reaper.
+    assert (
+        values // budget.CHUNK_BYTES - 10
+        <= let_go
+        <= values // budget.CHUNK_BYTES + 3 * CHUNKS_PER_STEP
+    )
+    vol.check_invariants()
+    for _ in vol.reaping():
+        pass
+    assert vol.store.pending_chunks == 0
     vol.check_invariants()

@@ -564,3 +564,129 @@ def test_a_purge_of_whole_chunks_keeps_holes_and_purged_pages_apart(store: PageS
 def test_pool_bound() -> None:
     assert pool_bytes_for(64 * MiB) == 4 * MiB
     assert pool_bytes_for(64 << 30) == 32 * MiB
+
+
+def _scattered(store: PageStore, chunks: int) -> FileData:
+    """A file with one page of its own bytes in each of *chunks* chunks."""
+    f = FileData(store)
+    for ci in range(chunks):
+        f.write(ci * CHUNK + (ci % CHUNK_PAGES) * PAGE_SIZE, bytes([ci % 251 + 1]) * PAGE_SIZE)
+    return f
+
+
+def test_a_big_freed_table_is_pending_and_a_write_looks_into_only_what_it_needs() -> None:
+    """Freeing a file of many chunks hands its table to the store unopened: its pages are
+    free for the cap at once, its chunks still count as metadata. A write takes slots out
+    of one chunk per page it needs here (each holds one), zeroed; the reaper's steps let
+    go of the rest CHUNKS_PER_STEP chunks at a time."""
+    store = PageStore(64 * MiB)
+    woken: list[int] = []
+    store.on_returning = lambda: woken.append(store.pending_pages)
+    chunks = 10 * CHUNKS_PER_STEP
+    f = _scattered(store, chunks)
+    assert (store.used_pages, store.chunks) == (chunks, chunks)
+    f.free()
+    assert (f.resident_pages, f.chunk_count, f.size) == (0, 0, 0)
+    assert (store.used_pages, store.free_pages) == (0, store.capacity_pages)
+    assert (store.pending_pages, store.pending_chunks, store.chunks) == (chunks, chunks, chunks)
+    assert woken == [chunks]
+    store.check_invariants()
+    g = FileData(store)
+    g.write(100, b"g" * (3 * PAGE_SIZE))  # 4 pages: 4 chunks looked into, no more
+    assert store.pending_chunks == chunks - 4 and store.pending_pages == chunks - 4
+    assert store.chunks == chunks - 4 + g.chunk_count
+    g.truncate(4 * PAGE_SIZE)
+    expected = bytes(100) + b"g" * (3 * PAGE_SIZE) + bytes(PAGE_SIZE - 100)
+    assert bytes(g.read(0, 4 * PAGE_SIZE)) == expected
+    store.check_invariants()
+    steps = 0
+    while store.free_pending():
+        steps += 1
+        store.check_invariants()
+    assert steps == -(-(chunks - 4) // CHUNKS_PER_STEP)
+    assert (store.pending_pages, store.pending_chunks, store.chunks) == (0, 0, g.chunk_count)
+    while store.return_some():
+        pass
+    assert store.returning_pages == 0 and store.used_pages == g.resident_pages == 4
+    store.check_invariants()
+
+
+def test_a_freed_table_of_slotless_chunks_is_let_go_by_the_steps() -> None:
+    """Chunks whose pages were all purged hold no slot: they still leave, a step at a time,
+    and a write past them finds the slots of the later ones."""
+    store = PageStore(64 * MiB)
+    store.on_returning = lambda: None
+    chunks = 3 * CHUNKS_PER_STEP
+    f = _scattered(store, chunks)
+    f.purge(CHUNK_PAGES, chunks * CHUNK_PAGES)  # every chunk but the first loses its page
+    while store.return_some():  # the purged pages' slots: not where the write finds one
+        pass
+    f.free()
+    assert (store.pending_pages, store.pending_chunks) == (1, chunks)
+    g = FileData(store)
+    g.write(0, b"x")
+    g.truncate(PAGE_SIZE)
+    assert store.pending_pages == 0 and bytes(g.read(0, PAGE_SIZE)) == b"x" + bytes(4095)
+    store.check_invariants()
+    while store.free_pending():
+        store.check_invariants()
+    assert store.pending_chunks == 0 and store.chunks == 1
+
+
+def test_without_a_reaper_a_big_table_is_freed_at_once() -> None:
+    store = PageStore(64 * MiB)
+    f = _scattered(store, 2 * CHUNKS_PER_STEP)
+    f.free()
+    assert (store.used_pages, store.pending_pages, store.pending_chunks, store.chunks) == (0,) * 4
+    store.check_invariants()
+
+
+file_ops = st.one_of(
+    st.tuples(st.just("write"), st.integers(0, 1), offsets, lengths),
+    st.tuples(
+        st.just("purge"), st.integers(0, 1), st.integers(0, 3 * CHUNK_PAGES), st.integers(0, 600)
+    ),
+    st.tuples(st.just("free"), st.integers(0, 1), st.just(0), st.just(0)),
+    st.tuples(st.just("read"), st.integers(0, 1), offsets, lengths),
+    st.tuples(st.just("step"), st.just(0), st.integers(0, 3), st.integers(0, 600)),
+)
+
+
+@pytest.mark.parametrize("reaper", [False, True], ids=["at-once", "pending"])
+@settings(max_examples=80, deadline=None)
+@given(st.lists(file_ops, max_size=30))
+def test_freed_tables_match_a_model(reaper: bool, steps: list[tuple[str, int, int, int]]) -> None:
+    """Two files in a small store (every freed table is pending: CHUNKS_PER_STEP is 0),
+    the reaper's steps between: data is exact, slots taken from freed tables read as
+    zeros, and the accounting holds after every step."""
+    store = PageStore(8 * MiB, pool_bytes=MiB // 2)
+    if reaper:
+        store.on_returning = lambda: None
+    files = [FileData(store), FileData(store)]
+    models = [Model(), Model()]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("vrangefs.pagestore.CHUNKS_PER_STEP", 0)
+        for n, (op, i, a, b) in enumerate(steps):
+            f, model = files[i], models[i]
+            if op == "write":
+                payload = pattern(b, seed=n)
+                try:
+                    f.write(a, payload)
+                except NoSpaceError:
+                    continue
+                model.write(a, payload)
+            elif op == "purge":
+                f.purge(a, a + b)
+                model.purge(a, a + b)
+            elif op == "free":
+                f.free()
+                files[i], models[i] = FileData(store), Model()
+            elif op == "read":
+                expected = bytes(model.data[a : a + b])
+                assert bytes(f.read(a, b, purged_as_zeros=True)) == expected
+            else:
+                store.free_pending(a)
+                store.return_some(b)
+            assert store.used_pages == sum(len(m.resident) for m in models)
+            assert store.chunks == store.pending_chunks + sum(g.chunk_count for g in files)
+            store.check_invariants()
