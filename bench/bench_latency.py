@@ -29,6 +29,8 @@ Operations (default sizes; ``--scale`` multiplies them):
 - ``bigfile``: the same, evicting a closed 256 MiB file of a cache directory.
 - ``manyunits``: the same, evicting a closed file of a cache directory that holds 100,000
   one-page volatile units (with data).
+- ``sparsefile``: the same, evicting a closed 1 TiB sparse file of a cache directory with
+  20,000 pages scattered through it (a page-table chunk each).
 """
 
 from __future__ import annotations
@@ -242,6 +244,11 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
             lambda m: cached_units_file(m / "cache", cached_units),
             lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
         ),
+        "sparsefile": (
+            f"{scattered * PAGE // MiB + 24}M",
+            lambda m: scattered_cache_file(m / "cache", scattered),
+            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
+        ),
     }
 
 
@@ -270,6 +277,13 @@ def cached_units_file(directory: Path, units: int) -> None:
     directory.mkdir()
     os.setxattr(directory, "user.vrange.cache_dir", b"1")
     mark_units(directory / "many", units, with_data=True)
+
+
+def scattered_cache_file(directory: Path, pages: int) -> None:
+    """A closed sparse file of a cache directory with *pages* pages scattered through it."""
+    directory.mkdir()
+    os.setxattr(directory, "user.vrange.cache_dir", b"1")
+    scatter(directory / "sparse", pages)
 
 
 # -- one scenario ---------------------------------------------------------------------------
