@@ -87,6 +87,7 @@ _POPULATE_MIN = 16  # below this many pages a system call costs more than the fa
 _EMPTY_CHUNK = array("i", [HOLE]) * CHUNK_PAGES
 _PURGED_CHUNK = array("i", [PURGED]) * CHUNK_PAGES
 CHUNKS_PER_STEP = 64  # chunks freed per step of a sliced truncate (each ~5 us)
+FREE_AT_ONCE = CHUNKS_PER_STEP  # a freed file with more chunks is left to the store (defer)
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZEROS = bytes(CHUNK_PAGES * PAGE_SIZE)  # calloc'ed: reading it touches no memory of ours
 
@@ -769,7 +770,7 @@ class FileData:
         handed to the store whole (:meth:`PageStore.defer`), so that freeing a file costs
         the same whatever it holds."""
         chunks = self._chunks
-        if len(chunks) <= CHUNKS_PER_STEP:
+        if len(chunks) <= FREE_AT_ONCE:
             self._drop_chunks(0, list(chunks))
         else:
             pages = self.resident_pages

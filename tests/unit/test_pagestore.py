@@ -656,7 +656,7 @@ file_ops = st.one_of(
 @settings(max_examples=80, deadline=None)
 @given(st.lists(file_ops, max_size=30))
 def test_freed_tables_match_a_model(reaper: bool, steps: list[tuple[str, int, int, int]]) -> None:
-    """Two files in a small store (every freed table is pending: CHUNKS_PER_STEP is 0),
+    """Two files in a small store (every freed table is pending: FREE_AT_ONCE is 0),
     the reaper's steps between: data is exact, slots taken from freed tables read as
     zeros, and the accounting holds after every step."""
     store = PageStore(8 * MiB, pool_bytes=MiB // 2)
@@ -665,7 +665,7 @@ def test_freed_tables_match_a_model(reaper: bool, steps: list[tuple[str, int, in
     files = [FileData(store), FileData(store)]
     models = [Model(), Model()]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("vrangefs.pagestore.CHUNKS_PER_STEP", 0)
+        patch.setattr("vrangefs.pagestore.FREE_AT_ONCE", 0)
         for n, (op, i, a, b) in enumerate(steps):
             f, model = files[i], models[i]
             if op == "write":

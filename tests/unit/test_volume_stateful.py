@@ -28,6 +28,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from vrangefs import pagestore
 from vrangefs.errors import FsError
 from vrangefs.pagestore import PAGE_SIZE, PageStore
 from vrangefs.protocol import PurgeCause, nonvolatile_pages, pin_pages, volatile_pages
@@ -135,6 +136,11 @@ class VolumeMachine(RuleBasedStateMachine):
             pin_limit=PIN_LIMIT_PAGES * PAGE_SIZE,
             low_watermark=1.0,  # a write at the cap purges what it needs, no more
         )
+        # Every freed file's table waits for the reaper (PageStore.defer), as a big one
+        # does in the daemon: writes take their slots out of it (see reaper_runs).
+        self._free_at_once = pagestore.FREE_AT_ONCE
+        pagestore.FREE_AT_ONCE = 0
+        self.volume.store.on_returning = lambda: None
         self.released_by_exit = 0
         # Exits being released step by step, as the daemon's reaper does (see
         # process_exit_steps); the daemon holds back the pid's pin requests meanwhile.
@@ -159,6 +165,9 @@ class VolumeMachine(RuleBasedStateMachine):
         for slot, length in ((("c", b"x"), 2 * PAGE_SIZE), (("c", b"y"), 3 * PAGE_SIZE)):
             self.cache_write(slot, length, 0x63, keep_open=False)
         self.cache_write(("o", b"x"), PAGE_SIZE, 0x6F, keep_open=False)
+
+    def teardown(self) -> None:
+        pagestore.FREE_AT_ONCE = getattr(self, "_free_at_once", pagestore.FREE_AT_ONCE)
 
     def _create(self, name: bytes) -> None:
         inode = self.volume.create(ROOT, name, 0o644, CALLER)
@@ -701,6 +710,13 @@ class VolumeMachine(RuleBasedStateMachine):
     def purge_all(self) -> None:
         reclaim = self.volume.reclaim
         self._reclaiming(reclaim.purge_all, PurgeCause.EXPLICIT, CAP_PAGES + 1)
+
+    @rule(chunks=st.integers(1, 3), pages=st.integers(1, 16))
+    def reaper_runs(self, chunks: int, pages: int) -> None:
+        """A step of the daemon's reaper: tables of freed files let go of, memory returned."""
+        store = self.volume.store
+        store.free_pending(chunks)
+        store.return_some(pages)
 
     @rule()
     def unlinker_runs(self) -> None:
