@@ -189,10 +189,10 @@ class Operations(pyfuse3.Operations):
         self._reap_wanted.set()
 
     async def reap(self) -> None:
-        """Release exited processes' pins, free dead inodes with big page tables and
-        let go of freed files' units, in slices, whenever the volume queues one (a task
-        of the daemon's nursery): the exit of a process with 100,000 pins or an rm of a
-        huge sparse file holds nobody up."""
+        """Return freed memory, let go of freed files' page tables and units and release
+        exited processes' pins, in slices, whenever the volume or the store has some (a
+        task of the daemon's nursery): the exit of a process with 100,000 pins or an rm of
+        a huge sparse file holds nobody up."""
         while True:
             await self._reap_wanted.wait()
             self._reap_wanted = trio.Event()
