@@ -34,7 +34,7 @@ from vrangefs.pagestore import (
 from vrangefs.pins import InodePins, NotPinnedError, PinInfo, PinLimitError
 from vrangefs.protocol import PurgeCause, nonvolatile_pages, pin_pages, volatile_pages
 from vrangefs.reclaim import Reclaim, worth_evicting
-from vrangefs.vrange import PurgeUnit, VrangeRoot
+from vrangefs.vrange import PurgeUnit, VrangeRoot, let_go
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,11 @@ class Volume:
         self.budget.count(self.reclaim, "units", budget.UNIT_BYTES)
         self.budget.count(self.reclaim.pins, "records", budget.PIN_BYTES)
         self.budget.count(store, "chunks", budget.CHUNK_BYTES)
+        self.reclaim.order.on_garbage = self._wake_reaper
+
+    def _wake_reaper(self) -> None:
+        if self.on_reap is not None:
+            self.on_reap()
 
     # -- reaping -------------------------------------------------------------------
     def reaping(self) -> Iterator[None]:
@@ -158,17 +163,19 @@ class Volume:
         First it hands freed memory back to the kernel (see
         :meth:`PageStore.return_some`), a few thousand pages per step, and lets go of
         the page tables of freed files (:meth:`PageStore.free_pending`), a few dozen
-        chunks per step; then of the units of freed inodes, a few index chunks per step.
+        chunks per step; then of the units of freed inodes and of their entries in the
+        purge order, a few chunks of each per step.
         An exited process's remaining pins hold their pages meanwhile (a new process
         with its pid waits, see :meth:`releasing`).
         """
         store = self.store
         while store.return_some() or store.free_pending():
             yield
-        dropped = self._dropped_units
-        while dropped:
+        dropped, order = self._dropped_units, self.reclaim.order
+        while dropped or order.graveyard:
             for _ in range(min(UNIT_CHUNKS_PER_STEP, len(dropped))):
-                dropped.popleft()
+                let_go(dropped.popleft())
+            order.bury(ORDER_CHUNKS_PER_STEP)
             yield
         while self._exited:
             tgid = self._exited[0]
@@ -269,8 +276,7 @@ class Volume:
         inode.vroot = None
         if dropped:
             self._dropped_units.extend(dropped)
-            if self.on_reap is not None:
-                self.on_reap()
+            self._wake_reaper()
 
     # -- creating -----------------------------------------------------------
     def _new_child(
@@ -1118,6 +1124,7 @@ UNITS_PER_SLICE = 50
 """Units one slice of a big mark or unmark changes (about 1 ms of work)."""
 FILES_PER_SLICE = 100  # files of a directory that becomes a cache directory, or stops being one
 UNIT_CHUNKS_PER_STEP = 4  # index chunks of freed units let go per step (each up to 1,024)
+ORDER_CHUNKS_PER_STEP = 4  # chunks of stale purge-order entries let go per step (up to 1,024)
 
 
 def default_metadata_cap(cap_bytes: int) -> int:

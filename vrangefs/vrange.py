@@ -31,12 +31,13 @@ import itertools
 import operator
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from intervaltree import Interval, IntervalTree
 
 _COMPACT_MIN = 64
 _ORDER_LOAD = 512  # the purge order splits a chunk past 2 * _ORDER_LOAD entries
+_OWNERS_MAX = 4  # roots a purge-order chunk names before it counts as mixed
 _LOAD = 512  # a root's index splits a chunk past 2 * _LOAD units, merges one of _LOAD // 2
 _start_of = operator.attrgetter("start")
 
@@ -126,17 +127,26 @@ class PurgeOrder:
     in time order) or bisects, ``discard`` is O(1), and so is dropping a whole root
     (:meth:`VrangeRoot.drop`): its entries go stale together.
 
-    Stale entries cost little wherever they are. At the front, :meth:`oldest` skips them
-    in a tight loop and deletes them in C (about 0.1 us each, a tenth of a heap pop: a
-    heap left 100,000 stale entries of an evicted file for the next purge to pop, 235 ms
-    among a million units). Elsewhere, once they outnumber the live ones, a compaction
-    filters one chunk per later call, so no call rebuilds the whole (a heap's rebuild of
-    a million entries held the daemon 105 ms).
+    Stale entries cost little wherever they are. Each chunk names the roots its entries
+    came from (up to _OWNERS_MAX; more make it *mixed*): a chunk whose named roots are all
+    dropped is all stale and goes whole, so the million entries of a deleted file cost
+    the next purge a thousand chunks, not a million entries (76 ms).  Other stale
+    entries at the front are skipped by :meth:`oldest` in a tight loop and deleted in C
+    (about 0.1 us each, a tenth of a heap pop). Elsewhere, once they outnumber the live
+    ones, a compaction filters one chunk per later call, so no call rebuilds the whole (a
+    heap's rebuild of a million entries held the daemon 105 ms).
     """
 
     def __init__(self) -> None:
         self._chunks: list[list[Entry]] = []
         self._firsts: list[Entry] = []  # each chunk's first entry, for bisecting
+        # Per chunk, the roots its entries came from (a superset), or None: mixed.
+        self._owners: list[set[VrangeRoot | None] | None] = []
+        # Chunks of stale entries taken out whole, for the caller to let go of a few at a
+        # time (bury()): freeing a million entries takes milliseconds. on_garbage is told
+        # when the first one waits.
+        self._graveyard: list[list[Entry]] = []
+        self.on_garbage: Callable[[], None] | None = None
         self._entries = 0  # stale ones included
         self._live = 0
         self._compacting = -1  # the next chunk a compaction filters, or -1
@@ -179,12 +189,14 @@ class PurgeOrder:
         self._live += 1
         self._entries += 1
         chunks = self._chunks
+        root = unit.root
         if chunks and entry > chunks[-1][-1]:  # the newest: the common case
             i = len(chunks) - 1
             chunks[i].append(entry)
         elif not chunks:
             chunks.append([entry])
             self._firsts.append(entry)
+            self._owners.append({root})
             return
         else:
             firsts = self._firsts
@@ -194,11 +206,19 @@ class PurgeOrder:
             chunk.insert(j, entry)
             if j == 0:
                 firsts[i] = entry
+        owners = self._owners[i]
+        if owners is not None and root not in owners:
+            if len(owners) < _OWNERS_MAX:
+                owners.add(root)
+            else:
+                self._owners[i] = None
         if len(chunks[i]) > 2 * _ORDER_LOAD:
             chunk = chunks[i]
             chunks.insert(i + 1, chunk[_ORDER_LOAD:])
             del chunk[_ORDER_LOAD:]
             self._firsts.insert(i + 1, chunks[i + 1][0])
+            owners = self._owners[i]
+            self._owners.insert(i + 1, None if owners is None else set(owners))
         if self._compacting >= 0:
             self._compact_step()
 
@@ -220,22 +240,46 @@ class PurgeOrder:
         """The least recently marked unit, or None if there is none."""
         if self._compacting >= 0:
             self._compact_step()
-        chunks = self._chunks
+        chunks, owners = self._chunks, self._owners
         while chunks:
-            chunk = chunks[0]
-            for i, entry in enumerate(chunk):
-                unit = entry[2]
-                if unit._entry is entry and (unit.root is None or not unit.root.dead):  # _is_live
-                    if i:
-                        del chunk[:i]
-                        self._entries -= i
-                        self._firsts[0] = entry
-                    return unit
-            self._entries -= len(chunk)
-            del chunks[0], self._firsts[0]
+            gone = 0  # chunks of dropped roots at the front go in one slice
+            while gone < len(chunks) and _all_dropped(owners[gone]):
+                gone += 1
+            if not gone:
+                chunk = chunks[0]
+                for i, entry in enumerate(chunk):
+                    unit = entry[2]
+                    if unit._entry is entry and (unit.root is None or not unit.root.dead):
+                        if i:  # (the test is _is_live, inlined)
+                            del chunk[:i]
+                            self._entries -= i
+                            self._firsts[0] = entry
+                        return unit
+                gone = 1
+            self._entries -= sum(map(len, chunks[:gone]))
+            self._to_graveyard(chunks[:gone])
+            del chunks[:gone], self._firsts[:gone], owners[:gone]
             if self._compacting > 0:
-                self._compacting -= 1
+                self._compacting = max(self._compacting - gone, 0)
         return None
+
+    def _to_graveyard(self, chunks: list[list[Entry]]) -> None:
+        if not self._graveyard and self.on_garbage is not None:
+            self.on_garbage()
+        self._graveyard += chunks
+
+    @property
+    def graveyard(self) -> int:
+        """Chunks of stale entries waiting to be let go of (see :meth:`bury`)."""
+        return len(self._graveyard)
+
+    def bury(self, chunks: int) -> int:
+        """Let go of up to *chunks* chunks of stale entries taken out whole; returns how
+        many (without a caller that buries them, they simply wait)."""
+        graveyard = self._graveyard
+        count = min(chunks, len(graveyard))
+        del graveyard[len(graveyard) - count :]
+        return count
 
     def _maybe_compact(self) -> None:
         dead = self._entries - self._live
@@ -252,17 +296,29 @@ class PurgeOrder:
             self._compacting = -1
             return
         chunk = chunks[i]
+        owners = self._owners
+        if _all_dropped(owners[i]):
+            self._entries -= len(chunk)
+            self._to_graveyard([chunk])
+            del chunks[i], self._firsts[i], owners[i]
+            return
         kept = [entry for entry in chunk if _is_live(entry)]
         self._entries -= len(chunk) - len(kept)
         if i and len(kept) + len(chunks[i - 1]) <= _ORDER_LOAD:
             chunks[i - 1] += kept
-            del chunks[i], self._firsts[i]
+            before, these = owners[i - 1], _owners_of(kept)
+            if before is not None and these is not None and len(before | these) <= _OWNERS_MAX:
+                before |= these
+            else:
+                owners[i - 1] = None
+            del chunks[i], self._firsts[i], owners[i]
         elif kept:
             chunk[:] = kept
             self._firsts[i] = kept[0]
+            owners[i] = _owners_of(kept)
             self._compacting = i + 1
         else:
-            del chunks[i], self._firsts[i]
+            del chunks[i], self._firsts[i], owners[i]
 
     def _live_entries(self) -> list[Entry]:
         return [entry for chunk in self._chunks for entry in chunk if _is_live(entry)]
@@ -283,9 +339,39 @@ class PurgeOrder:
             _check(held is unit, f"{unit!r} and {held!r} share the key {(seq, start)}")
         _check(all(a <= b for a, b in itertools.pairwise(entries)), "order not sorted")
         _check(len(self._firsts) == len(self._chunks), "chunk table out of step")
-        for first, chunk in zip(self._firsts, self._chunks, strict=True):
+        _check(len(self._owners) == len(self._chunks), "owner table out of step")
+        for first, chunk, owners in zip(self._firsts, self._chunks, self._owners, strict=True):
             _check(0 < len(chunk) <= 2 * _ORDER_LOAD, f"order chunk of {len(chunk)} entries")
             _check(first is chunk[0], "chunk table out of date")
+            if owners is not None:
+                roots = {entry[2].root for entry in chunk if _is_live(entry)}
+                _check(roots <= owners, f"a chunk's owners {owners} miss some of {roots}")
+                _check(len(owners) <= _OWNERS_MAX, f"{len(owners)} owners of a chunk")
+
+
+def _all_dropped(owners: set[VrangeRoot | None] | None) -> bool:
+    """Whether every entry of a chunk with these owners is stale: each one was dropped."""
+    return owners is not None and all(root is not None and root.dead for root in owners)
+
+
+def _owners_of(entries: list[Entry]) -> set[VrangeRoot | None] | None:
+    """The roots of *entries*, or None (mixed) past _OWNERS_MAX of them."""
+    owners: set[VrangeRoot | None] = set()
+    for entry in entries:
+        root = entry[2].root
+        if root not in owners:
+            if len(owners) == _OWNERS_MAX:
+                return None
+            owners.add(root)
+    return owners
+
+
+def let_go(units: list[PurgeUnit]) -> None:
+    """Units of a dropped root (see :meth:`VrangeRoot.drop`) can be freed: their entries,
+    stale now, no longer point back (a unit and its entry would be a reference cycle, left
+    to the cyclic collector, which never frees what the daemon froze)."""
+    for unit in units:
+        unit._entry = None
 
 
 def _is_live(entry: Entry) -> bool:

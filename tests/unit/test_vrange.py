@@ -275,6 +275,85 @@ def test_stale_entries_at_the_front_are_skipped_cheaply(order: PurgeOrder) -> No
     order.check_invariants()
 
 
+def test_chunks_of_a_dropped_root_leave_whole_and_wait_to_be_buried(order: PurgeOrder) -> None:
+    """A chunk names the roots of its entries: one whose roots are all dropped is taken out
+    whole, not entry by entry, and waits in the graveyard (freeing a million entries takes
+    milliseconds) until the caller buries it a few chunks at a time."""
+    big, other = VrangeRoot(2, order), VrangeRoot(3, order)
+    woken: list[int] = []
+    order.on_garbage = lambda: woken.append(order.graveyard)
+    for page in range(20_000):
+        big.mark_volatile(page * 2, page * 2 + 1)
+    newest = other.mark_volatile(0, 1)
+    chunks = len(order._chunks)
+    assert chunks >= 20_000 // (2 * vrange._ORDER_LOAD)
+    big.drop()
+    assert order.oldest() is newest
+    assert order._entries == 1 and len(order._chunks) == 1
+    assert order.graveyard >= chunks - 1 and woken == [0]
+    assert order.bury(3) == 3
+    while order.bury(3):
+        pass
+    assert order.graveyard == 0
+    order.check_invariants()
+
+
+def test_a_chunk_shared_with_a_live_root_is_not_taken_out_whole(order: PurgeOrder) -> None:
+    """Marks of two files interleaved: every chunk names both roots, so when one is dropped
+    its entries are skipped one by one and the other's stay, in order."""
+    dropped, live = VrangeRoot(2, order), VrangeRoot(3, order)
+    kept = []
+    for page in range(3000):
+        dropped.mark_volatile(page, page + 1)
+        kept.append(live.mark_volatile(page, page + 1))
+    dropped.drop()
+    assert [pop_oldest(order) for _ in range(3000)] == kept
+    assert order.oldest() is None
+    order.check_invariants()
+
+
+def test_a_chunk_of_many_roots_is_mixed(order: PurgeOrder) -> None:
+    """Past _OWNERS_MAX roots a chunk stops naming them: dropping them all still leaves its
+    entries stale, found one by one; a live unit behind them is the oldest."""
+    roots = [VrangeRoot(ino, order) for ino in range(vrange._OWNERS_MAX + 2)]
+    for root in roots:
+        root.mark_volatile(0, 1)
+    assert order._owners == [None]
+    last = VrangeRoot(99, order).mark_volatile(0, 1)
+    for root in roots:
+        root.drop()
+    assert order.oldest() is last
+    assert order._entries == 1 and order.graveyard == 0  # skipped one by one, deleted
+    order.check_invariants()
+
+
+def test_let_go_units_are_freed_without_the_cyclic_collector(order: PurgeOrder) -> None:
+    """A queued unit and its order entry point at each other; once a dropped root's units
+    are let go of and their entries buried, reference counting alone frees them (the
+    daemon freezes what survives a full collection: a cycle of frozen objects stays)."""
+    root, other = VrangeRoot(2, order), VrangeRoot(3, order)
+    for page in range(1000):
+        root.mark_volatile(page * 2, page * 2 + 1)
+    newest = other.mark_volatile(0, 1)
+
+    def units_alive() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is PurgeUnit)
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = units_alive()
+        for chunk in root.drop():
+            vrange.let_go(chunk)
+        del chunk
+        assert order.oldest() is newest
+        while order.bury(4):
+            pass
+        assert units_alive() == before - 1000
+    finally:
+        gc.enable()
+
+
 def test_order_is_oldest_first_across_roots(order: PurgeOrder) -> None:
     one, two = VrangeRoot(1, order), VrangeRoot(2, order)
     a = one.mark_volatile(0, 1)
