@@ -11,9 +11,11 @@ the oldest one in between, about 7 ms to examine), and right after it everything
 survived is *frozen* (:func:`gc.freeze`): moved to the permanent generation, which is
 never examined again. Frozen objects are still freed by reference counting, as almost
 everything is; what a freeze costs is that a frozen object that later becomes part of
-a reference cycle is never freed. The daemon's own structures hold no cycles, so that
-can only be the in-flight state of a request at the moment of a freeze (bounded, and
-measured by bench/bench_leaks.py: nothing over 100,000 cycles).
+a reference cycle is never freed. The daemon's own structures break their cycles
+themselves (a queued volatile unit and its purge-order entry point at each other until
+the unit leaves the order or is let go of, see :func:`vrangefs.vrange.let_go`), so what
+is left is the in-flight state of a request at the moment of a freeze (bounded, and
+measured by bench/bench_leaks.py and tests/integration/test_leaks.py).
 """
 
 from __future__ import annotations
