@@ -37,7 +37,7 @@ from intervaltree import Interval, IntervalTree
 
 _COMPACT_MIN = 64
 _ORDER_LOAD = 512  # the purge order splits a chunk past 2 * _ORDER_LOAD entries
-_OWNERS_MAX = 4  # roots a purge-order chunk names before it counts as mixed
+_OWNERS_MAX = 16  # roots a purge-order chunk names before it counts as mixed
 _LOAD = 512  # a root's index splits a chunk past 2 * _LOAD units, merges one of _LOAD // 2
 _start_of = operator.attrgetter("start")
 

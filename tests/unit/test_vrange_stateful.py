@@ -40,9 +40,9 @@ class VrangeMachine(RuleBasedStateMachine):
     # Index chunks of at most 4 units, merged at 1: a root of a few units splits and
     # merges them all the time (the daemon's chunks hold hundreds).
     LOAD = 2
-    # Purge-order chunks of at most 4 entries, compactions at a few stale entries: a
-    # short run goes through all their states.
-    COMPACTION: ClassVar[dict[str, int]] = {"_COMPACT_MIN": 2, "_ORDER_LOAD": 2}
+    # Purge-order chunks of at most 4 entries, compactions at a few stale entries, chunks
+    # mixed past 2 roots: a short run goes through all their states.
+    COMPACTION: ClassVar[dict[str, int]] = {"_COMPACT_MIN": 2, "_ORDER_LOAD": 2, "_OWNERS_MAX": 2}
 
     def __init__(self) -> None:
         super().__init__()
@@ -142,6 +142,8 @@ class VrangeMachine(RuleBasedStateMachine):
         dropped = [unit for chunk in self.roots[ino].drop() for unit in chunk]
         expected = self.drop(ino, set(self.pages[ino]))
         assert [page for page, _, _ in self.per_page(dropped)] == [page for page, _, _ in expected]
+        vrange.let_go(dropped)  # as the daemon's reaper does, later
+        self.order.bury(1)
         self.roots[ino] = VrangeRoot(ino, self.order)  # a new file, as inode numbers go
 
     @rule()
