@@ -389,7 +389,8 @@ class PageStore:
         self.pending_pages -= len(found)
         self.pending_chunks -= done
         self.chunks -= done
-        self._retire(found)
+        if found:
+            self._retire(found)
         return done
 
     def return_some(self, count: int = RETURN_PAGES_PER_STEP) -> int:
