@@ -229,27 +229,24 @@ def scenarios(scale: float) -> dict[str, tuple[str, Callable[[Path], None], Call
             lambda m: mark_units(m / "units", 65536, with_data=True),
             lambda m: (m / "new").write_bytes(b"n" * (256 * MiB)),
         ),
-        "bigunit": (
-            f"{big_mib + 24}M",  # the unit, the prober's 16 MiB and 8 MiB to spare
-            lambda m: one_big_unit(m / "big", big_mib),
-            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
+        "bigunit": at_the_cap(big_mib, lambda m: one_big_unit(m / "big", big_mib)),
+        "bigfile": at_the_cap(big_mib, lambda m: fill(cache_dir(m) / "big", big_mib)),
+        "manyunits": at_the_cap(
+            cached_units * PAGE // MiB,
+            lambda m: mark_units(cache_dir(m) / "many", cached_units, with_data=True),
         ),
-        "bigfile": (
-            f"{big_mib + 24}M",
-            lambda m: one_cached_file(m / "cache", big_mib),
-            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
-        ),
-        "manyunits": (
-            f"{cached_units * PAGE // MiB + 24}M",
-            lambda m: cached_units_file(m / "cache", cached_units),
-            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
-        ),
-        "sparsefile": (
-            f"{scattered * PAGE // MiB + 24}M",
-            lambda m: scattered_cache_file(m / "cache", scattered),
-            lambda m: (m / "new").write_bytes(b"n" * (16 * MiB)),
+        "sparsefile": at_the_cap(
+            scattered * PAGE // MiB, lambda m: scatter(cache_dir(m) / "sparse", scattered)
         ),
     }
+
+
+def at_the_cap(
+    mib: int, setup: Callable[[Path], None]
+) -> tuple[str, Callable[[Path], None], Callable[[Path], Any]]:
+    """A scenario whose set-up makes *mib* MiB of data in a cap of that, the prober's 16 MiB
+    and 8 MiB to spare: the operation, a 16 MiB write, purges or evicts what it made."""
+    return f"{mib + 24}M", setup, lambda m: (m / "new").write_bytes(b"n" * (16 * MiB))
 
 
 def fill(path: Path, mib: int) -> None:
@@ -265,25 +262,12 @@ def one_big_unit(path: Path, mib: int) -> None:
     os.setxattr(path, VOLATILE, b"0,0")
 
 
-def one_cached_file(directory: Path, mib: int) -> None:
-    """A closed file of *mib* MiB in a cache directory: a write at the cap evicts it."""
+def cache_dir(mountpoint: Path) -> Path:
+    """A cache directory in the mount: its closed files are evicted by a write at the cap."""
+    directory = mountpoint / "cache"
     directory.mkdir()
     os.setxattr(directory, "user.vrange.cache_dir", b"1")
-    fill(directory / "big", mib)
-
-
-def cached_units_file(directory: Path, units: int) -> None:
-    """A closed file of a cache directory with *units* one-page volatile units."""
-    directory.mkdir()
-    os.setxattr(directory, "user.vrange.cache_dir", b"1")
-    mark_units(directory / "many", units, with_data=True)
-
-
-def scattered_cache_file(directory: Path, pages: int) -> None:
-    """A closed sparse file of a cache directory with *pages* pages scattered through it."""
-    directory.mkdir()
-    os.setxattr(directory, "user.vrange.cache_dir", b"1")
-    scatter(directory / "sparse", pages)
+    return directory
 
 
 # -- one scenario ---------------------------------------------------------------------------

@@ -253,9 +253,10 @@ class PageStore:
         """
         if count > self.free_pages:
             raise NoSpaceError(count, self.free_pages)
-        short = count - len(self._pool) - len(self._returning)
-        if short > 0 and self._pending:
-            self._unpend(short, None)  # faulted already: before the free list
+        if self._pending:  # faulted already: before the free list
+            short = count - len(self._pool) - len(self._returning)
+            if short > 0:
+                self._unpend(short, None)
         slots = self._take(self._pool, count)
         if len(slots) < count and self._returning:
             returning = self._returning

@@ -307,10 +307,8 @@ class PurgeOrder:
         if i and len(kept) + len(chunks[i - 1]) <= _ORDER_LOAD:
             chunks[i - 1] += kept
             before, these = owners[i - 1], _owners_of(kept)
-            if before is not None and these is not None and len(before | these) <= _OWNERS_MAX:
-                before |= these
-            else:
-                owners[i - 1] = None
+            merged = None if before is None or these is None else before | these
+            owners[i - 1] = merged if merged is not None and len(merged) <= _OWNERS_MAX else None
             del chunks[i], self._firsts[i], owners[i]
         elif kept:
             chunk[:] = kept
